@@ -1,0 +1,36 @@
+"""Shared test helpers."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+
+def randomize(naf, scale=0.3, seed=0):
+    """Moves every conditioner weight randomly, keeping the MADE masks intact.
+
+    A freshly built flow is the identity (its output layer is zero); tests need
+    a generic flow. Masked kernels are re-masked through their constraint.
+    """
+    gen = tf.random.Generator.from_seed(seed)
+    for layer in naf.conditioner.submodules:
+        if not isinstance(layer, tf_keras.layers.Layer):
+            continue
+        for w in layer._trainable_weights:
+            new = w + tf.cast(scale, w.dtype) * gen.normal(w.shape, dtype=w.dtype)
+            constraint = (
+                getattr(layer, "kernel_constraint", None)
+                if w is getattr(layer, "kernel", None)
+                else None
+            )
+            w.assign(constraint(new) if constraint is not None else new)
+    return naf
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

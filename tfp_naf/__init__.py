@@ -1,0 +1,13 @@
+"""Neural autoregressive flows (Huang et al., 2018) as TensorFlow Probability bijectors."""
+
+from tfp_naf.conditioners import CompactAutoregressiveNetwork
+from tfp_naf.flow import NeuralAutoregressiveFlow
+from tfp_naf.transformers import DeepDenseSigmoidalFlow, DeepSigmoidalFlow
+
+__all__ = [
+    "CompactAutoregressiveNetwork",
+    "DeepDenseSigmoidalFlow",
+    "DeepSigmoidalFlow",
+    "NeuralAutoregressiveFlow",
+]
+__version__ = "0.1.0"

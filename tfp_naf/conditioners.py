@@ -1,0 +1,179 @@
+"""Conditioners: MADE networks that give each dimension its transformer's parameters.
+
+A conditioner maps `x` (and optionally a conditional input `c`) to
+pseudo-parameters `theta` of shape `[..., D, P]` such that `theta[..., i, :]`
+depends on `x` only through the dimensions before `i` in the autoregressive
+order. Two are offered:
+
+* `tfp.bijectors.AutoregressiveNetwork(params=P)` itself: a MADE whose output
+  layer emits all `P` parameters of every dimension.
+* `CompactAutoregressiveNetwork(context_units=C, params=P)`: a MADE that emits
+  `C << P` context features per dimension, mapped to the `P` parameters by one
+  dense layer shared by all dimensions (plus a per-dimension bias). The shared
+  layer acts on each dimension separately, so the autoregressive structure is
+  kept, and the MADE's output layer shrinks by `P / C`. This is how the
+  original NAF code kept its conditioner cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+import tf_keras
+
+tfb = tfp.bijectors
+
+__all__ = ["CompactAutoregressiveNetwork", "solve_order", "zero_output_layer"]
+
+
+class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
+    """A MADE with a small per-dimension context and a shared output layer.
+
+    ```none
+    h = MADE(x, c)                     # [..., D, context_units]
+    theta[..., i, :] = h[..., i, :] @ W + bias[i]     # W: [context_units, P]
+    ```
+
+    `W` and `bias` start at zero, so `theta = 0` at initialisation (the
+    transformers are then the identity) while the MADE's own weights are
+    random and receive gradients from the first step.
+
+    #### Examples
+
+    ```python
+    net = CompactAutoregressiveNetwork(
+        params=48, context_units=8, event_shape=[43], hidden_units=[128, 128])
+    theta = net(tf.zeros([512, 43]))   # [512, 43, 48]
+    ```
+    """
+
+    def __init__(
+        self,
+        params: int,
+        context_units: int,
+        event_shape: "Sequence[int] | int | None" = None,
+        hidden_units: "Sequence[int] | None" = None,
+        conditional: bool = False,
+        conditional_event_shape: "Sequence[int] | int | None" = None,
+        conditional_input_layers: str = "all_layers",
+        input_order: "str | Sequence[int]" = "left-to-right",
+        hidden_degrees: str = "equal",
+        activation=None,
+        **kwargs,
+    ):
+        """Builds the layer.
+
+        Args:
+          params: `P`, pseudo-parameters per dimension.
+          context_units: `C`, context features per dimension from the MADE.
+          event_shape, hidden_units, conditional, conditional_event_shape,
+            conditional_input_layers, input_order, hidden_degrees, activation:
+            as for `tfp.bijectors.AutoregressiveNetwork`.
+          **kwargs: passed to `tf_keras.layers.Layer` (for example `dtype`).
+        """
+        super().__init__(**kwargs)
+        if int(context_units) < 1 or int(params) < 1:
+            raise ValueError(
+                f"`params` and `context_units` must be >= 1; got {params}, "
+                f"{context_units}."
+            )
+        self._params = int(params)
+        self._context_units = int(context_units)
+        self._made = tfb.AutoregressiveNetwork(
+            params=self._context_units,
+            event_shape=event_shape,
+            hidden_units=hidden_units,
+            conditional=conditional,
+            conditional_event_shape=conditional_event_shape,
+            conditional_input_layers=conditional_input_layers,
+            input_order=input_order,
+            hidden_degrees=hidden_degrees,
+            activation=activation,
+            dtype=self.dtype,
+        )
+
+    def build(self, input_shape):
+        self._made.build(input_shape)
+        event_size = int(input_shape[-1])
+        self._kernel = self.add_weight(
+            name="kernel",
+            shape=[self._context_units, self._params],
+            initializer="zeros",
+            dtype=self.dtype,
+        )
+        self._bias = self.add_weight(
+            name="bias",
+            shape=[event_size, self._params],
+            initializer="zeros",
+            dtype=self.dtype,
+        )
+        super().build(input_shape)
+
+    def call(self, x, conditional_input=None):
+        if conditional_input is None:
+            context = self._made(x)
+        else:
+            context = self._made(x, conditional_input=conditional_input)
+        return tf.einsum("...dc,cp->...dp", context, self._kernel) + self._bias
+
+    @property
+    def params(self) -> int:
+        return self._params
+
+    @property
+    def context_units(self) -> int:
+        return self._context_units
+
+    @property
+    def event_shape(self):
+        return self._made.event_shape
+
+    @property
+    def made(self) -> tfb.AutoregressiveNetwork:
+        """The inner MADE that emits the context features."""
+        return self._made
+
+
+def _degrees(conditioner) -> "np.ndarray | None":
+    """The MADE's input degrees (1..D) once built, else None."""
+    made = getattr(conditioner, "made", conditioner)
+    degrees = getattr(made, "_input_order", None)
+    return None if degrees is None else np.asarray(degrees)
+
+
+def solve_order(conditioner) -> "np.ndarray | None":
+    """Dimension indices in autoregressive order, or None if unknown.
+
+    Reads the input degrees of a built `tfb.AutoregressiveNetwork` (or the MADE
+    inside a `CompactAutoregressiveNetwork`). For other conditioners the order
+    is unknown and the flow's inverse solves every dimension at every pass.
+    """
+    degrees = _degrees(conditioner)
+    return None if degrees is None else np.argsort(degrees, kind="stable")
+
+
+def zero_output_layer(made: tfb.AutoregressiveNetwork) -> None:
+    """Sets the output layer of a built MADE to zero, so that it outputs 0.
+
+    Used on the MADEs the flow builds itself, so that the flow starts at the
+    identity. The output layer is every Dense layer after the last activation
+    (the autoregressive one and, for a conditional MADE, the conditional one).
+    """
+    network = getattr(made, "_network", None)
+    if network is None:
+        raise ValueError("The MADE must be built before its output is zeroed.")
+    layers = list(network.layers)
+    activations = [
+        i for i, layer in enumerate(layers)
+        if isinstance(layer, tf_keras.layers.Activation)
+    ]
+    tail = layers[activations[-1] + 1 :] if activations else layers
+    dense = [layer for layer in tail if isinstance(layer, tf_keras.layers.Dense)]
+    if not dense:
+        raise ValueError("Could not find the output layer of the MADE.")
+    for layer in dense:
+        for weight in layer.weights:
+            weight.assign(tf.zeros_like(weight))

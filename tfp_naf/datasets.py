@@ -1,0 +1,142 @@
+"""Built-in data: 2-D toy densities, a conditional toy, and MiniBooNE if present.
+
+The 2-D shapes follow the usual flow benchmarks (FFJORD, NSF): eight Gaussians,
+checkerboard, two spirals and pinwheel. All generators are NumPy only,
+deterministic given `seed`, and return float32 arrays `[n, 2]`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "TOY_DATASETS",
+    "checkerboard",
+    "conditional_ring",
+    "eight_gaussians",
+    "load_miniboone",
+    "make_toy",
+    "miniboone_dir",
+    "pinwheel",
+    "two_spirals",
+]
+
+
+def eight_gaussians(n: int, seed: int = 0) -> np.ndarray:
+    """Eight Gaussians (std 0.5) on a circle of radius 4 (scaled by 1/1.414)."""
+    rng = np.random.default_rng(seed)
+    angles = np.arange(8) * np.pi / 4
+    centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    points = centers[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, 2))
+    return (points / 1.414).astype(np.float32)
+
+
+def checkerboard(n: int, seed: int = 0) -> np.ndarray:
+    """Uniform on the black squares of a 4 x 4 board spanning [-4, 4]^2."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.uniform(-4.0, 4.0, n)
+    x2 = rng.uniform(0.0, 2.0, n) - 2.0 * rng.integers(0, 2, n)
+    x2 = x2 + 2.0 * (np.floor(x1 / 2.0) % 2)
+    return np.stack([x1, x2], axis=1).astype(np.float32)
+
+
+def two_spirals(n: int, seed: int = 0) -> np.ndarray:
+    """Two interleaved noisy spirals."""
+    rng = np.random.default_rng(seed)
+    t = np.sqrt(rng.uniform(0.0, 1.0, n)) * 540.0 * (2 * np.pi) / 360.0
+    d1x = -np.cos(t) * t + rng.uniform(0.0, 1.0, n) * 0.5
+    d1y = np.sin(t) * t + rng.uniform(0.0, 1.0, n) * 0.5
+    sign = np.where(rng.uniform(size=n) < 0.5, 1.0, -1.0)
+    points = sign[:, None] * np.stack([d1x, d1y], axis=1) / 3.0
+    return (points + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+
+
+def pinwheel(n: int, seed: int = 0) -> np.ndarray:
+    """Five curved arms (the pinwheel of Johnson et al., 2016)."""
+    rng = np.random.default_rng(seed)
+    radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
+    rads = np.linspace(0, 2 * np.pi, num_classes, endpoint=False)
+    features = rng.standard_normal((n, 2)) * np.array([radial_std, tangential_std])
+    features[:, 0] += 1.0
+    labels = rng.integers(0, num_classes, n)
+    angles = rads[labels] + rate * np.exp(features[:, 0])
+    rotations = np.stack(
+        [np.cos(angles), -np.sin(angles), np.sin(angles), np.cos(angles)], axis=1
+    ).reshape(-1, 2, 2)
+    return (2.0 * np.einsum("ti,tij->tj", features, rotations)).astype(np.float32)
+
+
+TOY_DATASETS: "dict[str, Callable[..., np.ndarray]]" = {
+    "8gaussians": eight_gaussians,
+    "checkerboard": checkerboard,
+    "2spirals": two_spirals,
+    "pinwheel": pinwheel,
+}
+
+
+def make_toy(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """`n` points of the named 2-D toy dataset (see `TOY_DATASETS`)."""
+    if name not in TOY_DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(TOY_DATASETS)}.")
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1; got {n}.")
+    return TOY_DATASETS[name](n, seed)
+
+
+def conditional_ring(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
+    """A conditional toy `p(x | c)`: `c ~ U(0.5, 2.5)`, `x` on a noisy ring of radius `c`.
+
+    Returns `(x, c)` with shapes `[n, 2]` and `[n, 1]`. The true conditional
+    density is known in closed form up to the angle: radius `c + 0.1 N(0, 1)`,
+    angle uniform.
+    """
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(0.5, 2.5, (n, 1))
+    angle = rng.uniform(0.0, 2 * np.pi, n)
+    radius = c[:, 0] + 0.1 * rng.standard_normal(n)
+    x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    return x.astype(np.float32), c.astype(np.float32)
+
+
+def miniboone_dir() -> "Path | None":
+    """The MAF-preprocessed MiniBooNE folder, or None if it is not on this machine.
+
+    Looks at `$TFP_NAF_MINIBOONE`, then `../shared/data/miniboone` beside the
+    project root and the current directory.
+    """
+    candidates = []
+    if os.environ.get("TFP_NAF_MINIBOONE"):
+        candidates.append(Path(os.environ["TFP_NAF_MINIBOONE"]))
+    root = Path(__file__).resolve().parent.parent
+    candidates += [
+        root.parent / "shared" / "data" / "miniboone",
+        root / "shared" / "data" / "miniboone",
+        Path.cwd().parent / "shared" / "data" / "miniboone",
+    ]
+    for path in candidates:
+        if (path / "val.npy").is_file() and (path / "test.npy").is_file():
+            return path
+    return None
+
+
+def load_miniboone() -> "tuple[np.ndarray, np.ndarray]":
+    """`(val, test)` MiniBooNE splits as float32, `[3284, 43]` and `[3648, 43]`.
+
+    Raises:
+      FileNotFoundError: when the data is not on this machine (see
+        `miniboone_dir`).
+    """
+    path = miniboone_dir()
+    if path is None:
+        raise FileNotFoundError(
+            "MiniBooNE not found: set TFP_NAF_MINIBOONE to a folder holding val.npy "
+            "and test.npy, or place it at ../shared/data/miniboone."
+        )
+    return (
+        np.load(path / "val.npy").astype(np.float32),
+        np.load(path / "test.npy").astype(np.float32),
+    )

@@ -1,0 +1,180 @@
+"""Inverting strictly increasing scalar functions, elementwise and batched.
+
+The transformers of a neural autoregressive flow have no closed-form inverse.
+Their inverse is found numerically by a safeguarded Newton iteration inside a
+bracket (Numerical Recipes' ``rtsafe``): a Newton step is taken when it lands
+strictly inside the current bracket and at least halves the previous step,
+otherwise the bracket is bisected. Every element is solved at once, so the loop
+runs until the slowest element has converged or the iteration cap is reached.
+
+Gradients never flow through the loop (differentiating through bisection gives
+NaN and is wasteful). :func:`solve_increasing` instead returns
+
+    x = x* - (r - stop_gradient(r)) / stop_gradient(g'(x*; theta)),
+    r = g(x*; theta) - y,
+
+with `x*` the (stopped) root: its value is exactly `x*`, and its derivatives
+are those of the implicit function theorem, `dx/dy = 1 / g'` and
+`dx/dtheta = -(dg/dtheta) / g'`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "RootSearchResults",
+    "expand_bracket",
+    "find_root_increasing",
+    "solve_increasing",
+]
+
+# fn(x) -> (g(x), log g'(x)), elementwise.
+ValueAndLogDerivative = Callable[[tf.Tensor], "tuple[tf.Tensor, tf.Tensor]"]
+
+
+class RootSearchResults(NamedTuple):
+    """What the safeguarded Newton search found."""
+
+    root: tf.Tensor
+    """The solution `x` of `g(x) = y`, elementwise."""
+    objective_at_root: tf.Tensor
+    """`g(root) - y`."""
+    num_iterations: tf.Tensor
+    """How many iterations the search ran (shared by all elements)."""
+    converged: tf.Tensor
+    """Elementwise: whether the step size fell under the tolerance."""
+
+
+def expand_bracket(
+    fn: ValueAndLogDerivative,
+    y: tf.Tensor,
+    low: tf.Tensor,
+    high: tf.Tensor,
+    max_doublings: int = 60,
+) -> "tuple[tf.Tensor, tf.Tensor]":
+    """Widens `[low, high]` until `g(low) <= y <= g(high)` for an increasing `g`.
+
+    The side that fails is moved outwards by a width that doubles at every step.
+    For `y` strictly inside the range of `g` this ends after a few steps; after
+    `max_doublings` it stops regardless, and the search then converges to the
+    end of the bracket.
+    """
+    width = tf.ones_like(y)
+
+    def needs_work(lo, hi):
+        return tf.logical_or(fn(lo)[0] > y, fn(hi)[0] < y)
+
+    def cond(i, lo, hi, w):
+        return tf.logical_and(i < max_doublings, tf.reduce_any(needs_work(lo, hi)))
+
+    def body(i, lo, hi, w):
+        lo_bad = fn(lo)[0] > y
+        hi_bad = fn(hi)[0] < y
+        lo = tf.where(lo_bad, lo - w, lo)
+        hi = tf.where(hi_bad, hi + w, hi)
+        return i + 1, lo, hi, 2.0 * w
+
+    _, low, high, _ = tf.while_loop(
+        cond, body, (tf.constant(0), low, high, width), maximum_iterations=max_doublings
+    )
+    return low, high
+
+
+def find_root_increasing(
+    fn: ValueAndLogDerivative,
+    y: tf.Tensor,
+    low: tf.Tensor,
+    high: tf.Tensor,
+    tolerance: float,
+    max_iterations: int,
+) -> RootSearchResults:
+    """Solves `g(x) = y` for an increasing `g` by safeguarded Newton steps.
+
+    Args:
+      fn: elementwise `x -> (g(x), log g'(x))`.
+      y: targets.
+      low, high: a bracket with `g(low) <= y <= g(high)`, same shape as `y`.
+      tolerance: an element has converged once its last step was smaller than
+        `tolerance * (1 + |x|)` or its bracket is narrower than that.
+      max_iterations: hard cap on the number of iterations.
+
+    Returns:
+      `RootSearchResults`. No gradient flows through it.
+    """
+    y, low, high = (tf.stop_gradient(t) for t in (y, low, high))
+    dtype = y.dtype
+    tol = tf.constant(tolerance, dtype)
+
+    def step(x, lo, hi, last_step):
+        value, log_deriv = fn(x)
+        f = value - y
+        lo = tf.where(f < 0, x, lo)
+        hi = tf.where(f > 0, x, hi)
+        newton_step = f / tf.exp(log_deriv)
+        newton = x - newton_step
+        use_newton = (
+            (newton > lo)
+            & (newton < hi)
+            & tf.math.is_finite(newton)
+            & (2.0 * tf.abs(newton_step) <= tf.abs(last_step))
+        )
+        midpoint = lo + 0.5 * (hi - lo)
+        x_new = tf.where(use_newton, newton, midpoint)
+        x_new = tf.where(tf.equal(f, 0.0), x, x_new)
+        return x_new, lo, hi, x_new - x, f
+
+    def is_converged(x, lo, hi, last_step):
+        scale = tol * (1.0 + tf.abs(x))
+        return (tf.abs(last_step) <= scale) | (hi - lo <= scale)
+
+    def cond(i, x, lo, hi, last_step, f):
+        return tf.logical_not(tf.reduce_all(is_converged(x, lo, hi, last_step)))
+
+    def body(i, x, lo, hi, last_step, f):
+        x, lo, hi, last_step, f = step(x, lo, hi, last_step)
+        return i + 1, x, lo, hi, last_step, f
+
+    x0 = low + 0.5 * (high - low)
+    infinite_step = tf.fill(tf.shape(y), tf.constant(float("inf"), dtype))
+    i, x, lo, hi, last_step, f = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), x0, low, high, infinite_step, tf.zeros_like(y)),
+        maximum_iterations=max_iterations,
+    )
+    return RootSearchResults(
+        root=x,
+        objective_at_root=f,
+        num_iterations=i,
+        converged=is_converged(x, lo, hi, last_step),
+    )
+
+
+def solve_increasing(
+    fn: ValueAndLogDerivative,
+    y: tf.Tensor,
+    low: tf.Tensor,
+    high: tf.Tensor,
+    tolerance: float,
+    max_iterations: int,
+) -> tf.Tensor:
+    """`x` with `g(x) = y`, differentiable by the implicit function theorem.
+
+    `fn` may close over parameters `theta` that carry gradients; the result's
+    gradients with respect to `y` and `theta` are `1 / g'` and
+    `-(dg/dtheta) / g'` at the root. See the module docstring.
+    """
+    root = tf.stop_gradient(
+        find_root_increasing(fn, y, low, high, tolerance, max_iterations).root
+    )
+    value, log_deriv = fn(root)
+    residual = value - y
+    # Zero in value, the implicit-function derivatives in gradient. Where g'
+    # underflows (far in a saturated tail) the gradient is huge but finite.
+    tiny = tf.constant(np.finfo(y.dtype.as_numpy_dtype).tiny, y.dtype)
+    deriv = tf.stop_gradient(tf.maximum(tf.exp(log_deriv), tiny))
+    return root - (residual - tf.stop_gradient(residual)) / deriv

@@ -1,0 +1,539 @@
+"""The monotone scalar transformers of a neural autoregressive flow.
+
+A transformer is a strictly increasing map `g(x; theta)` of one real number,
+parameterised by a vector of unconstrained pseudo-parameters `theta` (in a
+flow, one such vector per dimension, produced by the conditioner). Both are
+TFP scalar bijectors (`forward_min_event_ndims=0`) whose `params` hold the
+pseudo-parameters on their last axis; all other axes broadcast against `x`.
+
+Deep sigmoidal flow (DSF), with `K = num_units`:
+
+    g(x) = logit( sum_k w_k sigmoid(a_k x + b_k) ),
+    a = softplus(.) + min_slope > 0,   w = softmax(.).
+
+Deep dense sigmoidal flow (DDSF) stacks `num_layers` such layers, each of
+width `K`, with softmax-normalised mixing of its inputs `u` and outputs `w`:
+
+    h_0 = x,   h_{l+1} = logit( w_l . sigmoid(a_l * (u_l . h_l) + b_l) ).
+
+Two details keep them well behaved in floating point:
+
+* The sigmoid mixture `s` is squeezed into `[clip / 2, 1 - clip / 2]` before
+  the logit, `s' = (1 - clip) s + clip / 2`, as in the original NAF code. The
+  range of `g` is therefore the open interval `(-L, L)`,
+  `L = logit(1 - clip / 2)` (about 14.5 for `clip = 1e-6`).
+* Everything is computed in log space: `log s`, `log(1 - s)` and the
+  log-derivative are log-sum-exps of `log w + log sigmoid(+-z)` terms, and the
+  layer Jacobians are chained as log-space matrix products. So `g`, `log g'`
+  and their gradients stay finite for any finite input (|x| = 1e4 in float32).
+
+At `params = 0` every `a` is 1, every `b` is 0 and every mixture is uniform, so
+`g` is the identity up to the clipping, which moves it by about
+`clip * exp(|x|) / 2` per layer (2e-4 at |x| = 6 for `clip = 1e-6`).
+
+The inverse has no closed form: it is found by safeguarded Newton iterations
+inside a bracket (`tfp_naf.root_finding`), with gradients from the implicit
+function theorem. `y` outside the range `(g(-inf), g(+inf))` (within `(-L, L)`)
+has no preimage: it is clamped to just inside the range, so the inverse returns
+a large finite `x` at the edge of the range, never NaN; with
+`validate_args=True` it raises instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import (
+    assert_util,
+    dtype_util,
+    parameter_properties,
+    prefer_static as ps,
+    tensor_util,
+)
+
+from tfp_naf import root_finding
+
+tfb = tfp.bijectors
+
+__all__ = ["DeepSigmoidalFlow", "DeepDenseSigmoidalFlow", "TRANSFORMERS"]
+
+DEFAULT_CLIP = 1e-6
+DEFAULT_MIN_SLOPE = 1e-3
+# An input far enough out that every sigmoid saturates: g(+-this) = g(+-inf).
+_SATURATING_INPUT = 1e18
+
+
+def _logaddexp(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """log(exp(a) + exp(b)) for finite `b`."""
+    m = tf.maximum(a, b)
+    return m + tf.math.log1p(tf.exp(-tf.abs(a - b)))
+
+
+def _layer_shapes(num_units: int, num_layers: int) -> "list[tuple[int, int]]":
+    """(inputs, outputs) of each dense sigmoidal layer: 1 -> K -> ... -> K -> 1."""
+    widths = [1] + [num_units] * (num_layers - 1) + [1]
+    return list(zip(widths[:-1], widths[1:]))
+
+
+def _sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_slope):
+    """One dense sigmoidal layer and the chained log-derivative of its output.
+
+    Args:
+      h: `[..., n_in]` layer input; `log_dh`: `[..., n_in]`, log dh/dx.
+      a_raw, b: `[..., K]` slopes (before softplus) and offsets.
+      w_logits: `[..., n_out, K]` output mixing logits.
+      u_logits: `[..., K, n_in]` input mixing logits, or None when `n_in == 1`.
+
+    Returns:
+      `(h_out, log_dh_out)`, each `[..., n_out]`.
+    """
+    dtype = h.dtype
+    shift = tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)  # a = 1 at 0.
+    a = tf.math.softplus(a_raw + shift) + tf.constant(min_slope, dtype)
+    if u_logits is None:
+        mixed, log_dmixed = h, log_dh
+    else:
+        log_u = tf.nn.log_softmax(u_logits, axis=-1)
+        mixed = tf.einsum("...kj,...j->...k", tf.exp(log_u), h)
+        log_dmixed = tf.reduce_logsumexp(log_u + log_dh[..., tf.newaxis, :], axis=-1)
+    z = a * mixed + b
+    log_sig, log_sig_neg = tf.math.log_sigmoid(z), tf.math.log_sigmoid(-z)
+    log_w = tf.nn.log_softmax(w_logits, axis=-1)
+    log_s = tf.reduce_logsumexp(log_w + log_sig[..., tf.newaxis, :], axis=-1)
+    log_1ms = tf.reduce_logsumexp(log_w + log_sig_neg[..., tf.newaxis, :], axis=-1)
+    log_keep = tf.constant(np.log1p(-clip), dtype)
+    log_half_clip = tf.constant(np.log(clip / 2.0), dtype)
+    log_s = _logaddexp(log_keep + log_s, log_half_clip)
+    log_1ms = _logaddexp(log_keep + log_1ms, log_half_clip)
+    h_out = log_s - log_1ms
+    log_dz = tf.math.log(a) + log_sig + log_sig_neg + log_dmixed
+    log_dh_out = (
+        log_keep
+        - log_s
+        - log_1ms
+        + tf.reduce_logsumexp(log_w + log_dz[..., tf.newaxis, :], axis=-1)
+    )
+    return h_out, log_dh_out
+
+
+class _SigmoidalTransformer(tfb.Bijector):
+    """Shared machinery of DSF and DDSF: parameters, forward, inverse."""
+
+    def __init__(
+        self,
+        params,
+        num_units,
+        num_layers,
+        clip,
+        min_slope,
+        tolerance,
+        max_iterations,
+        validate_args,
+        parameters,
+        name,
+    ):
+        with tf.name_scope(name) as name:
+            dtype = dtype_util.common_dtype([params], dtype_hint=tf.float32)
+            self._params = tensor_util.convert_nonref_to_tensor(
+                params, dtype=dtype, name="params"
+            )
+            size = tf.compat.dimension_value(self._params.shape[-1])
+            if num_units is None:
+                if size is None:
+                    raise ValueError(
+                        "`num_units` must be given when the last axis of "
+                        "`params` is not statically known."
+                    )
+                num_units = self._infer_num_units(size, num_layers)
+            num_units, num_layers = int(num_units), int(num_layers)
+            if num_units < 1 or num_layers < 1:
+                raise ValueError(
+                    f"`num_units` and `num_layers` must be >= 1; got {num_units}, "
+                    f"{num_layers}."
+                )
+            expected = self.num_params(num_units, num_layers)
+            if size is not None and size != expected:
+                raise ValueError(
+                    f"{type(self).__name__} with num_units={num_units}, "
+                    f"num_layers={num_layers} takes {expected} parameters on the "
+                    f"last axis of `params`; got {size}."
+                )
+            if not 0.0 < clip < 1.0:
+                raise ValueError(f"`clip` must be in (0, 1); got {clip}.")
+            if not 0.0 <= min_slope < 1.0:
+                raise ValueError(f"`min_slope` must be in [0, 1); got {min_slope}.")
+            self._num_units = num_units
+            self._num_layers = num_layers
+            self._clip = float(clip)
+            self._min_slope = float(min_slope)
+            np_dtype = dtype_util.as_numpy_dtype(dtype)
+            if tolerance is None:
+                tolerance = 1e-6 if np_dtype == np.float32 else 1e-12
+            self._tolerance = float(tolerance)
+            self._max_iterations = int(max_iterations)
+            super().__init__(
+                dtype=dtype,
+                forward_min_event_ndims=0,
+                validate_args=validate_args,
+                parameters=parameters,
+                name=name,
+            )
+
+    # ---- Parameters ------------------------------------------------------
+
+    @classmethod
+    def num_params(cls, num_units: int, num_layers: int = 1) -> int:
+        """Size of the last axis of `params` for this transformer."""
+        return sum(
+            2 * num_units + n_out * num_units + (num_units * n_in if n_in > 1 else 0)
+            for n_in, n_out in _layer_shapes(num_units, num_layers)
+        )
+
+    @classmethod
+    def _infer_num_units(cls, size: int, num_layers: int) -> int:
+        for k in range(1, size + 1):
+            if cls.num_params(k, num_layers) == size:
+                return k
+        raise ValueError(
+            f"No number of units gives {size} parameters for {cls.__name__} with "
+            f"num_layers={num_layers}; pass `num_units` explicitly."
+        )
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return dict(
+            params=parameter_properties.ParameterProperties(
+                event_ndims=1,
+                shape_fn=parameter_properties.SHAPE_FN_NOT_IMPLEMENTED,
+                default_constraining_bijector_fn=parameter_properties.BIJECTOR_NOT_IMPLEMENTED,
+            )
+        )
+
+    @property
+    def params(self) -> tf.Tensor:
+        """Unconstrained pseudo-parameters, `[..., num_params]`."""
+        return self._params
+
+    @property
+    def num_units(self) -> int:
+        return self._num_units
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def clip(self) -> float:
+        return self._clip
+
+    @property
+    def min_slope(self) -> float:
+        return self._min_slope
+
+    @property
+    def tolerance(self) -> float:
+        return self._tolerance
+
+    @property
+    def max_iterations(self) -> int:
+        return self._max_iterations
+
+    @property
+    def range_limit(self) -> float:
+        """`L`: the forward map's range is the open interval `(-L, L)`."""
+        return float(np.log1p(-self._clip / 2.0) - np.log(self._clip / 2.0))
+
+    @classmethod
+    def _is_increasing(cls):
+        return True
+
+    def _split_params(self, params):
+        """Per layer: `(a_raw, b, w_logits, u_logits or None)`."""
+        k = self._num_units
+        layers, start = [], 0
+        batch = ps.shape(params)[:-1]
+        for n_in, n_out in _layer_shapes(k, self._num_layers):
+            sizes = [k, k, n_out * k, k * n_in if n_in > 1 else 0]
+            a_raw, b, w, u = (
+                params[..., start + s0 : start + s0 + s]
+                for s0, s in zip(np.cumsum([0] + sizes[:-1]), sizes)
+            )
+            start += sum(sizes)
+            w = tf.reshape(w, ps.concat([batch, [n_out, k]], axis=0))
+            u = tf.reshape(u, ps.concat([batch, [k, n_in]], axis=0)) if n_in > 1 else None
+            layers.append((a_raw, b, w, u))
+        return layers
+
+    # ---- Forward ---------------------------------------------------------
+
+    def forward_and_log_derivative(
+        self, x: tf.Tensor, params: "tf.Tensor | None" = None
+    ) -> "tuple[tf.Tensor, tf.Tensor]":
+        """`(g(x), log g'(x))` in one pass, elementwise.
+
+        `params` defaults to `self.params`; passing another tensor of the same
+        last-axis size evaluates the same transformer at other parameters.
+        """
+        params = self._params if params is None else params
+        params = tf.convert_to_tensor(params, dtype=self.dtype)
+        x = tf.convert_to_tensor(x, dtype=self.dtype)
+        h, log_dh = x[..., tf.newaxis], tf.zeros_like(x)[..., tf.newaxis]
+        for a_raw, b, w, u in self._split_params(params):
+            h, log_dh = _sigmoidal_layer(
+                h, log_dh, a_raw, b, w, u, self._clip, self._min_slope
+            )
+        return h[..., 0], log_dh[..., 0]
+
+    def _forward(self, x):
+        y, log_deriv = self.forward_and_log_derivative(x)
+        self._cache.forward_attributes(x)["ildj"] = -log_deriv
+        return y
+
+    def _forward_log_det_jacobian(self, x):
+        return self.forward_and_log_derivative(x)[1]
+
+    # ---- Inverse ---------------------------------------------------------
+
+    def forward_limits(
+        self, params: "tf.Tensor | None" = None
+    ) -> "tuple[tf.Tensor, tf.Tensor]":
+        """`(g(-inf), g(+inf))`: the open range of the forward map, per element.
+
+        Both lie within `[-L, L]`; for DSF they are exactly `-L` and `L`, for
+        DDSF they depend on the parameters.
+        """
+        params = self._params if params is None else params
+        params = tf.convert_to_tensor(params, dtype=self.dtype)
+        big = tf.fill(ps.shape(params)[:-1], tf.constant(_SATURATING_INPUT, self.dtype))
+        return (
+            self.forward_and_log_derivative(-big, params)[0],
+            self.forward_and_log_derivative(big, params)[0],
+        )
+
+    def _bracket(self, y, params):
+        """A starting interval `[low, high]`, widened later if it misses the root."""
+        return y - 1.0, y + 1.0
+
+    def solve(self, y: tf.Tensor, params: "tf.Tensor | None" = None) -> tf.Tensor:
+        """`g^{-1}(y)` by bracketed Newton search, with implicit gradients.
+
+        `y` outside the open range `(g(-inf), g(+inf))` has no preimage: it is
+        clamped to just inside the range and the result is a large finite `x`
+        (its gradient with respect to `y` is zero). With `validate_args=True`
+        such `y` raises `InvalidArgumentError` instead.
+        """
+        params = self._params if params is None else params
+        params = tf.convert_to_tensor(params, dtype=self.dtype)
+        y = tf.convert_to_tensor(y, dtype=self.dtype)
+        y = tf.broadcast_to(y, ps.broadcast_shape(ps.shape(y), ps.shape(params)[:-1]))
+        stopped_params = tf.stop_gradient(params)
+        low_limit, high_limit = self.forward_limits(stopped_params)
+        assertions = []
+        if self.validate_args:
+            assertions.append(
+                assert_util.assert_equal(
+                    tf.reduce_all((y > low_limit) & (y < high_limit)),
+                    True,
+                    message=(
+                        f"Inverse of {type(self).__name__}: a value lies outside the "
+                        "range of the forward map (at most "
+                        f"(-{self.range_limit:.4g}, {self.range_limit:.4g}))."
+                    ),
+                )
+            )
+        with tf.control_dependencies(assertions):
+            eps = np.finfo(dtype_util.as_numpy_dtype(self.dtype)).eps
+            low_limit += 16.0 * eps * (1.0 + tf.abs(low_limit))
+            high_limit -= 16.0 * eps * (1.0 + tf.abs(high_limit))
+            y = tf.clip_by_value(y, low_limit, high_limit)
+
+        def fn(x):
+            return self.forward_and_log_derivative(x, params)
+
+        def stopped_fn(x):
+            return self.forward_and_log_derivative(x, stopped_params)
+
+        low, high = self._bracket(y, stopped_params)
+        low, high = root_finding.expand_bracket(stopped_fn, y, low, high)
+        return root_finding.solve_increasing(
+            fn, y, low, high, self._tolerance, self._max_iterations
+        )
+
+    def _inverse(self, y):
+        return self.solve(y)
+
+    def _inverse_log_det_jacobian(self, y):
+        return -self.forward_and_log_derivative(self.inverse(y))[1]
+
+
+class DeepSigmoidalFlow(_SigmoidalTransformer):
+    """Deep sigmoidal flow (DSF) transformer of Huang et al. (2018).
+
+    A strictly increasing scalar bijector with `K = num_units` sigmoids:
+
+    ```none
+    g(x) = logit( (1 - clip) * s(x) + clip / 2 ),
+    s(x) = sum_k w_k sigmoid(a_k x + b_k),
+    a = softplus(a_raw) + min_slope,  w = softmax(w_logits),
+    log g'(x) = log(1 - clip) - log s' - log(1 - s')
+                + logsumexp_k( log w_k + log a_k + log sigmoid(z_k)
+                               + log sigmoid(-z_k) ),   z_k = a_k x + b_k.
+    ```
+
+    `params[..., :]` is `[a_raw (K), b (K), w_logits (K)]`, so
+    `num_params(K) == 3 K`. At `params = 0`, `g` is the identity (up to the
+    clipping). The inverse is bracketed exactly: since `s` is a convex mixture,
+    the root lies between `min_k` and `max_k` of `(t - b_k) / a_k`, where
+    `t = logit((sigmoid(y) - clip/2) / (1 - clip))`.
+
+    #### Examples
+
+    ```python
+    import numpy as np
+    from tfp_naf import DeepSigmoidalFlow
+
+    dsf = DeepSigmoidalFlow(params=np.random.randn(5, 3 * 8).astype("float32"))
+    x = np.linspace(-3., 3., 5).astype("float32")
+    y = dsf.forward(x)                      # shape [5]
+    dsf.forward_log_det_jacobian(x)         # log g'(x), shape [5]
+    dsf.inverse(y)                          # ~= x
+    ```
+    """
+
+    def __init__(
+        self,
+        params,
+        num_units: "int | None" = None,
+        clip: float = DEFAULT_CLIP,
+        min_slope: float = DEFAULT_MIN_SLOPE,
+        tolerance: "float | None" = None,
+        max_iterations: int = 100,
+        validate_args: bool = False,
+        name: str = "deep_sigmoidal_flow",
+    ):
+        """Builds a DSF transformer.
+
+        Args:
+          params: float `Tensor` `[..., 3 * num_units]` of unconstrained
+            pseudo-parameters; leading axes broadcast against `x`.
+          num_units: `K`; inferred from `params` when None.
+          clip: squeeze of the sigmoid mixture before the logit, in (0, 1). It
+            bounds the range to `(-L, L)`, `L = logit(1 - clip / 2)`.
+          min_slope: lower bound added to each `a_k`.
+          tolerance: relative step tolerance of the inverse search; defaults to
+            1e-6 (float32) or 1e-12 (float64).
+          max_iterations: cap on the inverse search's iterations.
+          validate_args: check inverse inputs lie in the range.
+          name: name scope.
+        """
+        parameters = dict(locals())
+        super().__init__(
+            params,
+            num_units,
+            1,
+            clip,
+            min_slope,
+            tolerance,
+            max_iterations,
+            validate_args,
+            parameters,
+            name,
+        )
+
+    def _bracket(self, y, params):
+        (a_raw, b, w, _), = self._split_params(params)
+        dtype = self.dtype
+        shift = tf.constant(np.log(np.expm1(1.0 - self._min_slope)), dtype)
+        a = tf.math.softplus(a_raw + shift) + tf.constant(self._min_slope, dtype)
+        half_clip = tf.constant(self._clip / 2.0, dtype)
+        # logit of the unclipped mixture value that maps to y.
+        log_sig_pos, log_sig_neg = tf.math.log_sigmoid(y), tf.math.log_sigmoid(-y)
+        t = (log_sig_pos + tf.math.log1p(-half_clip * tf.exp(-log_sig_pos))) - (
+            log_sig_neg + tf.math.log1p(-half_clip * tf.exp(-log_sig_neg))
+        )
+        candidates = (t[..., tf.newaxis] - b) / a
+        return tf.reduce_min(candidates, axis=-1), tf.reduce_max(candidates, axis=-1)
+
+
+class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
+    """Deep dense sigmoidal flow (DDSF) transformer of Huang et al. (2018).
+
+    `num_layers` dense sigmoidal layers of width `K = num_units`, from the
+    scalar input to the scalar output (`1 -> K -> ... -> K -> 1`). Layer `l`
+    maps `h` (width `n_in`) to `h'` (width `n_out`):
+
+    ```none
+    h'_o = logit( (1 - clip) * sum_k w_ok sigmoid(a_k sum_j u_kj h_j + b_k)
+                  + clip / 2 ),
+    a = softplus(a_raw) + min_slope,  w = softmax_k(w_logits),
+    u = softmax_j(u_logits).
+    ```
+
+    All weights `a`, `w`, `u` are positive, so each layer is increasing in each
+    input and the whole map is strictly increasing. The log-derivative is
+    chained through the layers as log-space matrix products:
+
+    ```none
+    log dh'_o/dx = log(1 - clip) - log s'_o - log(1 - s'_o)
+        + logsumexp_k( log w_ok + log a_k + log sigmoid(z_k) + log sigmoid(-z_k)
+                       + logsumexp_j( log u_kj + log dh_j/dx ) ).
+    ```
+
+    Per layer `params` holds `[a_raw (K), b (K), w_logits (n_out * K),
+    u_logits (K * n_in, omitted when n_in = 1)]`, concatenated over layers;
+    `num_params(K, L)` gives the total. With `num_layers=1` it is exactly DSF.
+    At `params = 0` it is the identity (up to the clipping).
+
+    #### Examples
+
+    ```python
+    import numpy as np
+    from tfp_naf import DeepDenseSigmoidalFlow
+
+    p = DeepDenseSigmoidalFlow.num_params(num_units=8, num_layers=2)
+    ddsf = DeepDenseSigmoidalFlow(
+        params=0.3 * np.random.randn(4, p).astype("float32"), num_layers=2)
+    x = np.float32([-2., 0., 1., 5.])
+    y = ddsf.forward(x)
+    ddsf.inverse(y)                          # ~= x
+    ```
+    """
+
+    def __init__(
+        self,
+        params,
+        num_units: "int | None" = None,
+        num_layers: int = 2,
+        clip: float = DEFAULT_CLIP,
+        min_slope: float = DEFAULT_MIN_SLOPE,
+        tolerance: "float | None" = None,
+        max_iterations: int = 100,
+        validate_args: bool = False,
+        name: str = "deep_dense_sigmoidal_flow",
+    ):
+        """Builds a DDSF transformer.
+
+        Args:
+          params: float `Tensor` `[..., num_params(num_units, num_layers)]`.
+          num_units: `K`, the width of each layer; inferred when None.
+          num_layers: number of dense sigmoidal layers (>= 1).
+          clip, min_slope, tolerance, max_iterations, validate_args, name: as
+            for `DeepSigmoidalFlow`.
+        """
+        parameters = dict(locals())
+        super().__init__(
+            params,
+            num_units,
+            num_layers,
+            clip,
+            min_slope,
+            tolerance,
+            max_iterations,
+            validate_args,
+            parameters,
+            name,
+        )
+
+
+TRANSFORMERS = {"dsf": DeepSigmoidalFlow, "ddsf": DeepDenseSigmoidalFlow}
