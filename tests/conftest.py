@@ -34,3 +34,18 @@ def randomize(naf, scale=0.3, seed=0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def randomize_all(naf, scale=0.3, seed=0):
+    """`randomize`, plus the conditioner's own weights.
+
+    `randomize` walks `naf.conditioner.submodules`, which leaves out the
+    conditioner itself: a `CompactAutoregressiveNetwork` keeps its zero shared
+    output layer (and so stays the identity). Those weights are dense, not
+    masked, so a plain random shift is safe.
+    """
+    randomize(naf, scale=scale, seed=seed)
+    gen = tf.random.Generator.from_seed(seed + 1)
+    for w in naf.conditioner._trainable_weights:
+        w.assign_add(tf.cast(scale, w.dtype) * gen.normal(w.shape, dtype=w.dtype))
+    return naf

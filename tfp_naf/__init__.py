@@ -11,3 +11,6 @@ __all__ = [
     "NeuralAutoregressiveFlow",
 ]
 __version__ = "0.1.0"
+from tfp_naf.keras import NAFDensityModel as NAFDensityModel  # noqa: E402
+from tfp_naf.keras import export_saved_model as export_saved_model  # noqa: E402
+from tfp_naf.keras import make_flow as make_flow  # noqa: E402

@@ -17,7 +17,7 @@ order. Two are offered:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +26,12 @@ import tf_keras
 
 tfb = tfp.bijectors
 
-__all__ = ["CompactAutoregressiveNetwork", "solve_order", "zero_output_layer"]
+__all__ = [
+    "CompactAutoregressiveNetwork",
+    "match_dtype",
+    "solve_order",
+    "zero_output_layer",
+]
 
 
 class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
@@ -97,6 +102,7 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
 
     def build(self, input_shape):
         self._made.build(input_shape)
+        match_dtype(self._made)
         event_size = int(input_shape[-1])
         self._kernel = self.add_weight(
             name="kernel",
@@ -153,6 +159,25 @@ def solve_order(conditioner) -> "np.ndarray | None":
     """
     degrees = _degrees(conditioner)
     return None if degrees is None else np.argsort(degrees, kind="stable")
+
+
+def match_dtype(made) -> None:
+    """Makes every layer of a built MADE compute in the MADE's own dtype.
+
+    `tfb.AutoregressiveNetwork` gives its `Dense` layers its dtype but not its
+    `Activation` and `Add` layers, which keep the default float32 policy and
+    cast their inputs to float32: a float64 MADE computes its hidden units in
+    float32, and a conditional float64 MADE even returns float32. This sets
+    those layers to the MADE's dtype. Does nothing to an unbuilt MADE or to
+    conditioners that are not MADEs.
+    """
+    made = getattr(made, "made", made)
+    network = getattr(made, "_network", None)
+    if network is None:
+        return
+    for layer in network.layers:
+        if layer.dtype != made.dtype:
+            layer._set_dtype_policy(made.dtype)
 
 
 def zero_output_layer(made: tfb.AutoregressiveNetwork) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.internal import (
-    assert_util,
-    prefer_static as ps,
-)
+from tensorflow_probability.python.internal import assert_util
+from tensorflow_probability.python.internal import prefer_static as ps
 
 from tfp_naf import conditioners
 from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
@@ -181,8 +179,9 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
                 dtype = conditioner.dtype
                 if event_shape is None and getattr(conditioner, "event_shape", None):
                     event_shape = _as_shape(conditioner.event_shape)
-                    if getattr(conditioner, "built", True) is False:
-                        conditioner.build((None, event_shape[-1]))
+                if event_shape is not None and getattr(conditioner, "built", True) is False:
+                    conditioner.build((None, event_shape[-1]))
+                conditioners.match_dtype(conditioner)
             dtype = tf.as_dtype(dtype)
             if not dtype.is_floating:
                 raise TypeError(f"`dtype` must be a floating type; got {dtype}.")
@@ -253,6 +252,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         if context_units is None:
             made = tfb.AutoregressiveNetwork(params=num_params, **options)
             made.build((None, event_shape[-1]))
+            conditioners.match_dtype(made)
             conditioners.zero_output_layer(made)
             return made
         net = conditioners.CompactAutoregressiveNetwork(

@@ -48,9 +48,9 @@ from tensorflow_probability.python.internal import (
     assert_util,
     dtype_util,
     parameter_properties,
-    prefer_static as ps,
     tensor_util,
 )
+from tensorflow_probability.python.internal import prefer_static as ps
 
 from tfp_naf import root_finding
 
@@ -73,7 +73,7 @@ def _logaddexp(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
 def _layer_shapes(num_units: int, num_layers: int) -> "list[tuple[int, int]]":
     """(inputs, outputs) of each dense sigmoidal layer: 1 -> K -> ... -> K -> 1."""
     widths = [1] + [num_units] * (num_layers - 1) + [1]
-    return list(zip(widths[:-1], widths[1:]))
+    return list(zip(widths[:-1], widths[1:], strict=True))
 
 
 def _sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_slope):
@@ -257,7 +257,7 @@ class _SigmoidalTransformer(tfb.Bijector):
             sizes = [k, k, n_out * k, k * n_in if n_in > 1 else 0]
             a_raw, b, w, u = (
                 params[..., start + s0 : start + s0 + s]
-                for s0, s in zip(np.cumsum([0] + sizes[:-1]), sizes)
+                for s0, s in zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True)
             )
             start += sum(sizes)
             w = tf.reshape(w, ps.concat([batch, [n_out, k]], axis=0))

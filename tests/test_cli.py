@@ -1,0 +1,168 @@
+"""The tfp-naf command line: demo, fit -> sample -> log-prob, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tfp_naf import datasets
+from tfp_naf.cli import main
+
+TINY = ["--flows", "1", "--hidden", "8", "--units", "4"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fails(capsys, *argv, match):
+    code, _, err = run(capsys, *argv)
+    assert code == 1, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("tfp-naf: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+def test_demo_writes_png_metrics_and_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = run(capsys, "demo", "--out", out, "--steps", "20", "--train-size", "512",
+                          "--batch-size", "64", "--no-saved-model", *TINY)
+    assert code == 0
+    png = (out / "demo.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["dataset"] == "8gaussians"
+    # An untrained flow on standardised 8gaussians scores about 4.3 nats; anything
+    # finite in a sane range means the NLL is in the data's units.
+    assert 2.0 < metrics["test_nll"] < 6.0 and 2.0 < metrics["train_nll"] < 6.0
+    assert (out / "model" / "config.json").is_file()
+    assert "test NLL" in stdout
+    # Re-running replaces the demo's model folder.
+    assert run(capsys, "demo", "--out", out, "--steps", "20", "--train-size", "512",
+               "--no-saved-model", *TINY)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def table():
+    x, c = datasets.conditional_ring(600, seed=0)
+    return np.concatenate([x[:, :1], c, x[:, 1:]], axis=1) * [1.0, 1.0, 100.0] + [0, 0, 50]
+
+
+def test_fit_sample_log_prob_round_trip_csv(tmp_path, capsys, table):
+    data = tmp_path / "data.csv"
+    np.savetxt(data, table, delimiter=",", header="a,c,b", comments="", fmt="%.6f")
+    model = tmp_path / "model"
+    code, stdout, err = run(capsys, "fit", data, "--out", model, "--epochs", "2",
+                            "--conditional-columns", "1", "--quiet", *TINY)
+    assert code == 0, err
+    config = json.loads((model / "config.json").read_text())
+    assert config["columns"] == {"total": 3, "x": [0, 2], "c": [1], "header": ["a", "c", "b"]}
+    std = json.loads((model / "standardization.json").read_text())
+    np.testing.assert_allclose(std["x_mean"][1], 50.0, atol=15.0)
+    metrics = json.loads((model / "metrics.json").read_text())
+    # NLL in data units: the third column is scaled by 100, which adds log(100) nats.
+    assert metrics["train_nll"] > np.log(100.0)
+    assert metrics["n_train"] == 540 and metrics["n_validation"] == 60
+    # Sampling with one condition value for all rows; the output keeps the layout.
+    samples = tmp_path / "samples.csv"
+    assert run(capsys, "sample", model, "-n", "50", "--out", samples, "--seed", "3",
+               "--condition", "1.5")[0] == 0
+    drawn = np.loadtxt(samples, delimiter=",", skiprows=1)
+    assert drawn.shape == (50, 3) and np.all(drawn[:, 1] == 1.5)
+    assert samples.read_text().startswith("a,c,b")
+    # log-prob of the training data matches the reported NLL (same model, same rows).
+    log_prob = tmp_path / "lp.csv"
+    assert run(capsys, "log-prob", model, data, "--out", log_prob)[0] == 0
+    values = np.loadtxt(log_prob, delimiter=",", skiprows=1)
+    assert values.shape == (600,)
+    n_train = metrics["n_train"]
+    mean_nll = (metrics["train_nll"] * n_train + metrics["validation_nll"] * 60) / 600
+    assert -values.mean() == pytest.approx(mean_nll, rel=1e-4)
+    # Same seed, same samples; existing --out needs --force.
+    fails(capsys, "sample", model, "-n", "50", "--out", samples, "--condition", "1.5",
+          match="already exists")
+    again = tmp_path / "again.csv"
+    run(capsys, "sample", model, "-n", "50", "--out", again, "--seed", "3", "--condition", "1.5")
+    np.testing.assert_array_equal(np.loadtxt(again, delimiter=",", skiprows=1), drawn)
+
+
+def test_fit_sample_log_prob_round_trip_npy(tmp_path, capsys):
+    data = tmp_path / "data.npy"
+    np.save(data, datasets.make_toy("2spirals", 300, seed=0))
+    model = tmp_path / "model"
+    assert run(capsys, "fit", data, "--out", model, "--epochs", "1", "--quiet",
+               "--validation-split", "0", *TINY)[0] == 0
+    samples = tmp_path / "s.npy"
+    assert run(capsys, "sample", model, "-n", "20", "--out", samples)[0] == 0
+    assert np.load(samples).shape == (20, 2)
+    lp = tmp_path / "lp.npy"
+    assert run(capsys, "log-prob", model, samples, "--out", lp)[0] == 0
+    assert np.load(lp).shape == (20,) and np.all(np.isfinite(np.load(lp)))
+    # An existing model folder is kept unless --force, then replaced whole.
+    before = (model / "weights.index").read_bytes()
+    fails(capsys, "fit", data, "--out", model, "--epochs", "1", *TINY, match="--force")
+    assert (model / "weights.index").read_bytes() == before
+    assert run(capsys, "fit", data, "--out", model, "--epochs", "1", "--quiet", "--force",
+               "--seed", "5", *TINY)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "lp.npy", "model", "s.npy"]
+
+
+def test_bad_input(tmp_path, capsys):
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    good = write("good.csv", "1,2\n3,4\n5,7\n")
+    fails(capsys, "fit", tmp_path / "missing.csv", "--out", tmp_path / "m", match="no such file")
+    fails(capsys, "fit", write("words.csv", "1,2\n3,x\n"), "--out", tmp_path / "m",
+          match="line 2, column 2: 'x' is not a number")
+    fails(capsys, "fit", write("ragged.csv", "1,2\n3\n"), "--out", tmp_path / "m",
+          match="line 2: 1 columns, expected 2")
+    fails(capsys, "fit", write("nan.csv", "1,2\nnan,4\n1,inf\n"), "--out", tmp_path / "m",
+          match="2 row(s) contain NaN or inf (first: data row 2)")
+    fails(capsys, "fit", write("empty.csv", "a,b\n"), "--out", tmp_path / "m",
+          match="no data rows")
+    np.save(tmp_path / "empty.npy", np.zeros([0, 2]))
+    fails(capsys, "fit", tmp_path / "empty.npy", "--out", tmp_path / "m", match="no data")
+    (tmp_path / "binary.npy").write_bytes(b"\x00\x01garbage")
+    fails(capsys, "fit", tmp_path / "binary.npy", "--out", tmp_path / "m",
+          match="not a readable .npy")
+    fails(capsys, "fit", write("data.txt", "1,2\n"), "--out", tmp_path / "m",
+          match="use .npy or .csv")
+    fails(capsys, "fit", good, "--out", tmp_path / "m", "--conditional-columns", "2",
+          match="only 2 columns")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    fails(capsys, "fit", good, "--out", tmp_path / "taken", match="already exists")
+    fails(capsys, "fit", good, "--out", tmp_path / "taken", "--force",
+          match="not a tfp_naf model folder")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    # Model folders: missing, invalid.
+    fails(capsys, "sample", tmp_path / "nope", "-n", "3", "--out", tmp_path / "s.npy",
+          match="no such model folder")
+    fails(capsys, "sample", tmp_path / "taken", "-n", "3", "--out", tmp_path / "s.npy",
+          match="not a model folder")
+    (tmp_path / "bad_model").mkdir()
+    write("bad_model/config.json", "{")
+    fails(capsys, "log-prob", tmp_path / "bad_model", good, "--out", tmp_path / "lp.npy",
+          match="unreadable")
+    # A real model, then wrong column counts and conditions.
+    model = tmp_path / "model"
+    assert run(capsys, "fit", good, "--out", model, "--epochs", "1", "--quiet",
+               "--validation-split", "0", *TINY)[0] == 0
+    fails(capsys, "log-prob", model, write("three.csv", "1,2,3\n"), "--out", tmp_path / "lp.npy",
+          match="3 columns, but the model was fitted to 2")
+    fails(capsys, "sample", model, "-n", "3", "--out", tmp_path / "s.npy", "--condition", "1",
+          match="not a conditional model")
+    fails(capsys, "sample", model, "-n", "3", "--out", tmp_path / "s.txt",
+          match="use .npy or .csv")
+    (model / "weights.index").unlink()
+    fails(capsys, "sample", model, "-n", "3", "--out", tmp_path / "s.npy", match="no weights")
+    # Bad syntax is argparse's: exit status 2 with usage.
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(good), "--out", str(model), "--hidden", "a,b"])
+    assert e.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err

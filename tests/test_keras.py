@@ -1,0 +1,256 @@
+"""tfp_naf.keras: fitting with tf_keras, saving, SavedModel export, Keras 3 guards."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tf_keras
+
+from tfp_naf import datasets
+from tfp_naf.keras import (
+    NAFDensityModel,
+    check_keras_model,
+    export_saved_model,
+    flow_kwargs,
+    make_flow,
+)
+
+SMALL = dict(num_flows=2, hidden_units=[16], num_units=8)
+
+
+@pytest.fixture(scope="module")
+def ring():
+    x, c = datasets.conditional_ring(1024, seed=0)
+    return x, c
+
+
+def _randomize_model(model, seed=0):
+    from conftest import randomize
+
+    for naf in model.flow.bijector.bijector.bijectors[::2]:
+        randomize(naf, scale=0.2, seed=seed)
+
+
+def test_make_flow_is_standard_normal_at_start_and_tracks_variables():
+    flow = make_flow(3, **SMALL)
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    expected = -0.5 * np.sum(x**2, axis=-1) - 1.5 * np.log(2 * np.pi)
+    np.testing.assert_allclose(flow.log_prob(x), expected, atol=2e-4)
+    # Two MADEs with one hidden layer: 2 x (2 kernels + 2 biases).
+    assert len(flow.trainable_variables) == 8
+    cflow = make_flow(3, conditional_size=2, **SMALL)
+    c = np.ones([5, 2], "float32")
+    assert cflow.log_prob(x, bijector_kwargs=flow_kwargs(cflow, c)).shape == (5,)
+    with pytest.raises(ValueError, match="conditional"):
+        cflow.log_prob(x)
+    with pytest.raises(ValueError, match="num_flows"):
+        make_flow(3, num_flows=0)
+
+
+def test_fit_unconditional_learns_and_callbacks_work(tmp_path):
+    tf_keras.utils.set_random_seed(0)
+    x = datasets.make_toy("8gaussians", 2048, seed=0)
+    x_val = datasets.make_toy("8gaussians", 512, seed=1)
+    model = NAFDensityModel(event_size=2, **SMALL)
+    model.adapt(x)
+    np.testing.assert_allclose(model.x_mean.numpy(), x.mean(0), atol=1e-5)
+    start_nll = -float(np.mean(model.log_prob(x_val)))
+    schedule = tf_keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)
+    optimizer = tf_keras.optimizers.Adam(schedule, global_clipnorm=1.0)
+    model.compile(optimizer=optimizer)
+    ckpt = str(tmp_path / "best.weights.h5")
+    history = model.fit(
+        x, batch_size=256, epochs=6, verbose=0, validation_data=(x_val,),
+        callbacks=[
+            tf_keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True),
+            tf_keras.callbacks.ModelCheckpoint(ckpt, save_weights_only=True,
+                                               save_best_only=True),
+        ],
+    )
+    assert set(history.history) == {"loss", "val_loss"}
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    # Reported validation loss is the exact mean NLL of the validation data.
+    best = min(history.history["val_loss"])
+    end_nll = -float(np.mean(model.log_prob(x_val)))
+    assert end_nll == pytest.approx(best, abs=1e-4)
+    assert end_nll < start_nll - 0.1
+    # The schedule decayed the learning rate as it stepped.
+    steps = int(optimizer.iterations)
+    assert steps == 8 * len(history.history["loss"])
+    lr = optimizer.learning_rate
+    assert float(lr.numpy()) == pytest.approx(float(schedule(steps - 1)), rel=1e-4)
+    # ModelCheckpoint wrote the best weights; loading them gives the same density.
+    clone = NAFDensityModel(event_size=2, **SMALL)
+    clone.load_weights(ckpt)
+    np.testing.assert_allclose(clone.log_prob(x_val), model.log_prob(x_val), rtol=1e-5)
+
+
+def test_fit_conditional_with_tuple_and_dict_inputs(ring):
+    x, c = ring
+    tf_keras.utils.set_random_seed(1)
+    model = NAFDensityModel(event_size=2, conditional_size=1, **SMALL)
+    model.adapt(x, c)
+    np.testing.assert_allclose(model.c_scale.numpy(), c.std(0), rtol=1e-4)
+    before = -float(np.mean(model((x, c))))
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
+    history = model.fit({"x": x, "c": c}, batch_size=128, epochs=3, verbose=0,
+                        validation_data=({"x": x[:256], "c": c[:256]},))
+    assert history.history["val_loss"][-1] < before - 0.2
+    np.testing.assert_allclose(model({"x": x[:8], "c": c[:8]}), model.log_prob(x[:8], c[:8]))
+    # The condition matters: the ring's radius follows c.
+    samples = model.sample(400, c=[2.0], seed=3).numpy()
+    small = model.sample(400, c=[0.7], seed=3).numpy()
+    assert np.median(np.linalg.norm(samples, axis=1)) > np.median(np.linalg.norm(small, axis=1))
+    assert model.sample(6, c=c[:6], seed=0).shape == (6, 2)
+    with pytest.raises(ValueError, match="conditional"):
+        model.log_prob(x[:4])
+    with pytest.raises(ValueError, match="no targets"):
+        model.fit(x, c, epochs=1, verbose=0)
+
+
+def test_sample_is_reproducible_by_seed_and_in_data_units():
+    model = NAFDensityModel(event_size=2, **SMALL)
+    model.x_mean.assign([10.0, -5.0])
+    model.x_scale.assign([2.0, 0.5])
+    a, b = model.sample(2000, seed=7).numpy(), model.sample(2000, seed=7).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, model.sample(2000, seed=8).numpy())
+    # An untrained flow is N(0, I) in standardised units.
+    np.testing.assert_allclose(a.mean(0), [10.0, -5.0], atol=0.15)
+    np.testing.assert_allclose(a.std(0), [2.0, 0.5], rtol=0.08)
+    # log_prob includes the standardisation's log-Jacobian.
+    x = np.array([[10.0, -5.0]], "float32")
+    expected = -np.log(2 * np.pi) - np.log(2.0 * 0.5)
+    np.testing.assert_allclose(model.log_prob(x), [expected], atol=1e-4)
+
+
+def test_save_weights_round_trip(tmp_path):
+    model = NAFDensityModel(event_size=3, conditional_size=2, context_units=4, **SMALL)
+    _randomize_model(model)
+    model.adapt(np.random.default_rng(0).normal(3.0, 2.0, size=(64, 3)),
+                np.random.default_rng(1).normal(size=(64, 2)))
+    x = np.random.default_rng(2).normal(3.0, 2.0, size=(16, 3)).astype("float32")
+    c = np.random.default_rng(3).normal(size=(16, 2)).astype("float32")
+    for name in ("ckpt", "w.h5", "w.weights.h5"):
+        path = str(tmp_path / name)
+        model.save_weights(path)
+        clone = NAFDensityModel(event_size=3, conditional_size=2, context_units=4, **SMALL)
+        assert not np.allclose(clone.log_prob(x, c), model.log_prob(x, c))
+        clone.load_weights(path)
+        np.testing.assert_array_equal(clone.log_prob(x, c), model.log_prob(x, c))
+    assert NAFDensityModel.from_config(model.get_config()).get_config() == model.get_config()
+
+
+_FRESH = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    x = np.load(sys.argv[2])
+    args = {"x": tf.constant(x[:, :2])}
+    extra = {}
+    if x.shape[1] > 2:
+        args["c"] = tf.constant(x[:, 2:])
+        extra["c"] = tf.constant(x[:1, 2:])
+    sig = loaded.signatures
+    out = {
+        "log_prob": sig["log_prob"](**args)["log_prob"].numpy().tolist(),
+        "sample": sig["sample"](n=tf.constant(5), seed=tf.constant(11), **extra)["x"]
+            .numpy().tolist(),
+        "tfp_naf_imported": "tfp_naf" in sys.modules,
+    }
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_export_saved_model_runs_without_tfp_naf(tmp_path, conditional):
+    model = NAFDensityModel(event_size=2, conditional_size=1 if conditional else None,
+                            num_flows=1, hidden_units=[8], num_units=4)
+    _randomize_model(model)
+    model.x_mean.assign([1.0, -1.0])
+    x = np.random.default_rng(0).normal(size=(7, 3 if conditional else 2)).astype("float32")
+    c = x[:, 2:] if conditional else None
+    export_saved_model(model, tmp_path / "sm")
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(tmp_path / "sm"), str(tmp_path / "x.npy")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["tfp_naf_imported"] is False
+    np.testing.assert_allclose(out["log_prob"], model.log_prob(x[:, :2], c), rtol=1e-5)
+    expected = model.sample(5, c=None if c is None else c[:1], seed=11)
+    np.testing.assert_allclose(out["sample"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keras3_model_holding_our_layers_is_refused():
+    keras = pytest.importorskip("keras")
+    if not keras.__version__.startswith("3"):
+        pytest.skip("Keras 3 is not installed")
+    ours = NAFDensityModel(event_size=2, num_flows=1, hidden_units=[8])
+    check_keras_model(ours)  # A tf_keras model is fine.
+
+    class Wrapper(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.density = ours
+
+        def call(self, x):
+            return self.density(x)
+
+    wrapper = Wrapper()
+    assert wrapper.trainable_weights == []  # Why this must not pass silently.
+    with pytest.raises(TypeError, match="TF_USE_LEGACY_KERAS"):
+        check_keras_model(wrapper)
+    # Calling our model inside a Keras 3 model's call (as fit would) is refused too.
+    with pytest.raises(TypeError, match="tf_keras"):
+        wrapper(np.zeros([4, 2], "float32"))
+    # So is a Keras 3 symbolic input (the functional API).
+    with pytest.raises(TypeError, match="Keras 3"):
+        ours(keras.Input(shape=(2,)))
+    # And a Keras 3 optimizer.
+    with pytest.raises(TypeError, match="TF_USE_LEGACY_KERAS=1"):
+        ours.compile(optimizer=keras.optimizers.Adam())
+    # A Keras 3 model holding the raw flow distribution is caught by the check.
+    flow = make_flow(2, num_flows=1, hidden_units=[8])
+
+    class FlowWrapper(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flow = flow
+
+    with pytest.raises(TypeError, match="cannot train"):
+        check_keras_model(FlowWrapper())
+    # A plain Keras 3 model is fine.
+    check_keras_model(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_bad_inputs_are_refused():
+    model = NAFDensityModel(event_size=2, num_flows=1, hidden_units=[8])
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2\]"):
+        model.log_prob(np.zeros([3, 4], "float32"))
+    with pytest.raises(ValueError, match="not conditional"):
+        model.log_prob(np.zeros([3, 2]), np.zeros([3, 1]))
+    with pytest.raises(ValueError, match="without `loss`"):
+        model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match="keys"):
+        model({"x": np.zeros([3, 2]), "cond": np.zeros([3, 1])})
+
+
+@pytest.mark.parametrize(
+    "obj", [make_flow, NAFDensityModel, check_keras_model, export_saved_model],
+    ids=lambda obj: obj.__name__,
+)
+def test_docstring_examples_run(obj):
+    import re
+
+    blocks = re.findall(r"#### Examples\s*```python\n(.*?)```", obj.__doc__, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(textwrap.dedent(blocks[0]), f"{obj.__name__} example", "exec"), {})

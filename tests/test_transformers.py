@@ -1,0 +1,184 @@
+"""The monotone scalar transformers: DeepSigmoidalFlow and DeepDenseSigmoidalFlow."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_naf import DeepDenseSigmoidalFlow, DeepSigmoidalFlow
+
+# (class, constructor kwargs): DSF, DDSF with 2 and 3 layers.
+KINDS = {
+    "dsf": (DeepSigmoidalFlow, {}),
+    "ddsf2": (DeepDenseSigmoidalFlow, {"num_layers": 2}),
+    "ddsf3": (DeepDenseSigmoidalFlow, {"num_layers": 3}),
+}
+NUM_UNITS = 6
+
+
+@pytest.fixture(params=sorted(KINDS))
+def kind(request):
+    return request.param
+
+
+def make(kind, batch_shape=(), scale=1.0, dtype=np.float64, seed=0, **kwargs):
+    """A transformer of `kind` with random params of shape `batch_shape + [P]`."""
+    cls, options = KINDS[kind]
+    p = cls.num_params(NUM_UNITS, options.get("num_layers", 1))
+    params = scale * np.random.default_rng(seed).normal(size=tuple(batch_shape) + (p,))
+    return cls(params=params.astype(dtype), num_units=NUM_UNITS, **options, **kwargs)
+
+
+def test_num_params():
+    k = NUM_UNITS
+    assert DeepSigmoidalFlow.num_params(k) == 3 * k
+    # Per layer n_in -> n_out: a, b (2K), w (n_out K), u (K n_in, dropped for n_in = 1).
+    # 1 -> K: 2K + K^2;  K -> K: 2K + 2K^2;  K -> 1: 3K + K^2.
+    assert DeepDenseSigmoidalFlow.num_params(k, 1) == 3 * k
+    assert DeepDenseSigmoidalFlow.num_params(k, 2) == 5 * k + 2 * k * k
+    assert DeepDenseSigmoidalFlow.num_params(k, 3) == 7 * k + 4 * k * k
+    # num_units is inferred from the params' size.
+    assert DeepSigmoidalFlow(params=np.zeros([3 * k], np.float32)).num_units == k
+    ddsf = DeepDenseSigmoidalFlow(params=np.zeros([5 * k + 2 * k * k], np.float32), num_layers=2)
+    assert ddsf.num_units == k
+
+
+def test_identity_at_zero_params(kind):
+    cls, options = KINDS[kind]
+    layers = options.get("num_layers", 1)
+    bij = cls(params=np.zeros([cls.num_params(4, layers)]), num_units=4, **options)
+    x = np.linspace(-6.0, 6.0, 49)
+    y, log_deriv = (t.numpy() for t in bij.forward_and_log_derivative(x))
+    # The clipping moves g by about clip * exp(|x|) / 2 per layer.
+    bound = layers * bij.clip * np.exp(np.abs(x)) + 1e-12
+    assert np.all(np.abs(y - x) <= bound)
+    assert np.all(np.abs(log_deriv) <= 2.0 * bound)
+    np.testing.assert_allclose(bij.inverse(x), x, atol=1e-3)
+
+
+def test_strictly_increasing(kind):
+    bij = make(kind, batch_shape=[5, 1], scale=1.5)
+    x = np.linspace(-12.0, 12.0, 2001)
+    y, log_deriv = (t.numpy() for t in bij.forward_and_log_derivative(x))
+    assert y.shape == (5, 2001)
+    assert np.all(np.diff(y, axis=-1) > 0)
+    assert np.all(np.isfinite(log_deriv))
+    assert np.all(np.abs(y) < bij.range_limit)
+
+
+def test_log_derivative_matches_autodiff(kind):
+    bij = make(kind, batch_shape=[8, 1], scale=1.0)
+    # Each x feeds 8 independent transformers: one x per (transformer, point).
+    xs = tf.broadcast_to(tf.constant(np.linspace(-7.0, 7.0, 57)), [8, 57])
+    with tf.GradientTape() as tape:
+        tape.watch(xs)
+        y, log_deriv = bij.forward_and_log_derivative(xs)
+    dydx = tape.gradient(y, xs).numpy()
+    assert np.all(dydx > 0)
+    np.testing.assert_allclose(log_deriv.numpy(), np.log(dydx), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(bij.forward_log_det_jacobian(xs), log_deriv, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_far_out_with_gradients(kind, dtype):
+    x = tf.constant([-1e4, -1e3, -50.0, -1.0, 0.0, 1.0, 50.0, 1e3, 1e4], dtype)
+    bij = make(kind, batch_shape=[9], scale=1.0, dtype=dtype)
+    params = tf.constant(bij.params)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, params])
+        y, log_deriv = bij.forward_and_log_derivative(x, params)
+        total = tf.reduce_sum(y) + tf.reduce_sum(log_deriv)
+    for value in (y, log_deriv):
+        assert np.all(np.isfinite(value.numpy())), value
+    for target in (y, log_deriv):
+        for source in (x, params):
+            grad = tape.gradient(target, source)
+            assert grad is not None
+            assert np.all(np.isfinite(grad.numpy())), (target.name, grad)
+    assert np.all(np.isfinite(tape.gradient(total, params).numpy()))
+    assert np.all(np.abs(y.numpy()) <= bij.range_limit)
+    # Far in the tails the output sits at the edge of its range.
+    low, high = (t.numpy() for t in bij.forward_limits())
+    np.testing.assert_allclose(y.numpy()[[0, -1]], [low[0], high[-1]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-9)])
+def test_round_trip_both_ways(kind, dtype, tol):
+    bij = make(kind, batch_shape=[3, 1], scale=1.0, dtype=dtype)
+    x = np.linspace(-6.0, 6.0, 41).astype(dtype)
+    y = bij.forward(x)
+    # tf.identity defeats the bijector cache, so the inverse is really solved.
+    x_back = bij.inverse(tf.identity(y)).numpy()
+    assert x_back.dtype == dtype
+    np.testing.assert_allclose(x_back, np.broadcast_to(x, [3, 41]), atol=tol, rtol=0)
+    low, high = (t.numpy() for t in bij.forward_limits())  # [3, 1] each.
+    assert np.all(low < high)
+    u = np.linspace(0.02, 0.98, 41).astype(dtype)
+    targets = low + (high - low) * u
+    assert targets.shape == (3, 41)
+    y_back = bij.forward(bij.solve(tf.identity(targets))).numpy()
+    np.testing.assert_allclose(y_back, targets, atol=tol, rtol=tol)
+
+
+def test_forward_limits_of_dsf_are_the_range():
+    bij = make("dsf", batch_shape=[4], scale=2.0)
+    low, high = bij.forward_limits()
+    limit = bij.range_limit
+    assert limit == pytest.approx(np.log1p(-bij.clip / 2) - np.log(bij.clip / 2))
+    np.testing.assert_allclose(low, -limit, rtol=1e-9)
+    np.testing.assert_allclose(high, limit, rtol=1e-9)
+
+
+def test_bad_params_size_names_expected_size():
+    with pytest.raises(ValueError, match="takes 12 parameters.*got 13"):
+        DeepSigmoidalFlow(params=np.zeros([13], np.float32), num_units=4)
+    expected = DeepDenseSigmoidalFlow.num_params(4, 2)
+    with pytest.raises(ValueError, match=f"takes {expected} parameters.*got {expected + 1}"):
+        DeepDenseSigmoidalFlow(params=np.zeros([expected + 1]), num_units=4, num_layers=2)
+    with pytest.raises(ValueError, match="No number of units gives 13 parameters"):
+        DeepSigmoidalFlow(params=np.zeros([13], np.float32))
+    with pytest.raises(ValueError, match="num_units"):
+        DeepSigmoidalFlow(params=np.zeros([12], np.float32), num_units=0)
+    with pytest.raises(ValueError, match="clip"):
+        DeepSigmoidalFlow(params=np.zeros([12], np.float32), clip=1.5)
+
+
+def test_inverse_outside_range(kind):
+    bij = make(kind, batch_shape=[2], scale=1.0, validate_args=True)
+    low, high = bij.forward_limits()
+    inside = 0.5 * (low + high)
+    bij.inverse(inside)  # No error inside the range.
+    outside = tf.stack([high[0] + 0.5, inside[1]])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the range"):
+        bij.inverse(outside)
+    lax = make(kind, batch_shape=[2], scale=1.0)
+    low, high = low.numpy(), high.numpy()
+    x = lax.inverse(np.array([high[0] + 0.5, low[1] - 0.5])).numpy()
+    assert np.all(np.isfinite(x)) and x[0] > 0 > x[1], x
+    # Far outside it lands on the same clamped values.
+    np.testing.assert_array_equal(lax.inverse(np.array([1e30, -1e30])), x)
+
+
+def test_solve_gradients_match_finite_differences(kind):
+    bij = make(kind, batch_shape=[3], scale=1.0)
+    params = tf.constant(bij.params)
+    y = tf.constant([-2.0, 0.3, 4.0], tf.float64)
+    rng = np.random.default_rng(7)
+    direction = tf.constant(rng.normal(size=params.shape))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([y, params])
+        x = bij.solve(y, params)
+        total = tf.reduce_sum(x)
+    dy = tape.gradient(total, y).numpy()
+    dparams = tape.gradient(total, params).numpy()
+    # Elementwise in y: d x_i / d y_i by central differences.
+    h = 1e-5
+    fd_y = (bij.solve(y + h, params) - bij.solve(y - h, params)).numpy() / (2 * h)
+    np.testing.assert_allclose(dy, fd_y, rtol=1e-5)
+    # dx/dy = 1 / g'(x).
+    np.testing.assert_allclose(dy, np.exp(-bij.forward_and_log_derivative(x)[1]), rtol=1e-9)
+    # Along a random direction in parameter space.
+    fd_p = (
+        tf.reduce_sum(bij.solve(y, params + h * direction))
+        - tf.reduce_sum(bij.solve(y, params - h * direction))
+    ).numpy() / (2 * h)
+    np.testing.assert_allclose(np.sum(dparams * direction.numpy()), fd_p, rtol=1e-5)
