@@ -2,7 +2,8 @@
 
 Every model is a chain of `num_flows` autoregressive layers with a reversal
 (`tfb.Permute`) between consecutive layers, on a standard-normal base, with
-a MADE conditioner of the given hidden units:
+a MADE conditioner of the given hidden units and ReLU activations (as the
+NAF's default):
 
 * "naf-dsf", "naf-ddsf": `tfp_naf.NeuralAutoregressiveFlow` (forward maps data
   to noise, so the distribution uses `tfb.Invert` of the chain);
@@ -18,7 +19,7 @@ a MADE conditioner of the given hidden units:
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -45,7 +46,8 @@ class _SplineFn(tf.Module):
         super().__init__()
         self._bins, self._bound = bins, bound
         self.made = tfb.AutoregressiveNetwork(
-            params=3 * bins - 1, event_shape=[event_size], hidden_units=list(hidden_units)
+            params=3 * bins - 1, event_shape=[event_size], hidden_units=list(hidden_units),
+            activation="relu",  # AutoregressiveNetwork's default (None) is a linear MADE.
         )
 
     def _sizes(self, logits):
@@ -79,7 +81,8 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype):
         return naf, naf.conditioner
     if model == "maf":
         made = tfb.AutoregressiveNetwork(
-            params=2, event_shape=[event_size], hidden_units=list(hidden_units), dtype=dtype
+            params=2, event_shape=[event_size], hidden_units=list(hidden_units),
+            activation="relu", dtype=dtype,
         )
         # Start at the identity, as the NAF does: with a random output layer the
         # 5 unbounded affine layers overflow on 43-d data (NaN from step one).

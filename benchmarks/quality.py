@@ -40,8 +40,9 @@ DATASETS = TOYS + ("miniboone",)
 BARS = {"8gaussians": 2.880, "checkerboard": 3.604, "2spirals": 3.255, "pinwheel": 2.379,
         "miniboone": 16.90}
 # Compact-conditioner variants run by default on these datasets only.
-CONTEXT_MODELS = ("naf-dsf-ctx16", "naf-ddsf-ctx16")
-CONTEXT_DATASETS = ("checkerboard", "2spirals", "miniboone")
+CONTEXT_MODELS = {"checkerboard": ("naf-dsf-ctx16", "naf-ddsf-ctx16"),
+                  "2spirals": ("naf-dsf-ctx16", "naf-ddsf-ctx16"),
+                  "miniboone": ("naf-dsf-ctx16",)}
 
 
 def load(name: str, fast: bool):
@@ -59,7 +60,8 @@ def load(name: str, fast: bool):
     return val[:-n_valid], val[-n_valid:], test
 
 
-def run_one(model: str, name: str, data, fast: bool, seed: int = 0) -> dict:
+def run_one(model: str, name: str, data, fast: bool, seed: int = 0,
+            max_minutes: "float | None" = None) -> dict:
     train, valid, test = data
     tf.keras.utils.set_random_seed(seed)
     mean, std = train.mean(0), train.std(0)
@@ -94,8 +96,11 @@ def run_one(model: str, name: str, data, fast: bool, seed: int = 0) -> dict:
     best, best_step, best_weights, bad_checks, history = np.inf, 0, None, 0, []
     t0 = time.perf_counter()
     steps_done = 1  # compile_step took one step.
-    losses = []
+    losses, stopped = [], "step budget"
     while steps_done < max_steps:
+        if max_minutes is not None and time.perf_counter() - t0 > 60.0 * max_minutes:
+            stopped = f"time budget ({max_minutes:g} min)"
+            break
         losses.append(float(step(train_s[rng.integers(0, len(train_s), batch)])))
         steps_done += 1
         if check_every and steps_done % check_every == 0:
@@ -107,21 +112,22 @@ def run_one(model: str, name: str, data, fast: bool, seed: int = 0) -> dict:
             else:
                 bad_checks += 1
                 if bad_checks >= patience:
+                    stopped = "early stopping"
                     break
     train_s_time = time.perf_counter() - t0
     if best_weights is not None:
-        for w, value in zip(variables, best_weights):
+        for w, value in zip(variables, best_weights, strict=True):
             w.assign(value)
     nll, se = evaluate(test_s)
     result = dict(
         model=model, dataset=name, test_nll=nll, test_se=se, steps=steps_done,
-        best_step=best_step if check_every else steps_done, jit=jit,
+        best_step=best_step if check_every else steps_done, stopped=stopped, jit=jit,
         train_seconds=round(train_s_time, 1), compile_seconds=round(compile_s, 1),
         final_train_loss=float(np.mean(losses[-50:])) + log_scale if losses else None,
         valid_history=history, num_params=int(sum(np.prod(w.shape) for w in variables)),
     )
     print(f"[{name}] {model}: test NLL {nll:.3f} +- {se:.3f} "
-          f"({steps_done} steps, {train_s_time:.0f}s, jit={jit})", flush=True)
+          f"({steps_done} steps, {stopped}, {train_s_time:.0f}s, jit={jit})", flush=True)
     return result
 
 
@@ -149,7 +155,9 @@ def main(argv=None) -> "list[dict]":
                         help="comma list; naf-dsf-ctx16 style names use context_units")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"also run {CONTEXT_MODELS} on {CONTEXT_DATASETS}")
+                        help=f"also run the compact-conditioner variants {CONTEXT_MODELS}")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock cap on each training run (the result records it)")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
     names = [n for n in args.datasets.split(",") if n]
@@ -165,10 +173,10 @@ def main(argv=None) -> "list[dict]":
         if data is None:
             continue
         run_models = list(models)
-        if args.context and name in CONTEXT_DATASETS:
-            run_models += [m for m in CONTEXT_MODELS if m not in run_models]
+        if args.context:
+            run_models += [m for m in CONTEXT_MODELS.get(name, ()) if m not in run_models]
         for model in run_models:
-            results.append(run_one(model, name, data, args.fast))
+            results.append(run_one(model, name, data, args.fast, max_minutes=args.max_minutes))
             (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
             (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

@@ -20,7 +20,7 @@ def make_train_step(dist, learning_rate: float = 1e-3, clip_norm: float = 5.0):
             loss = -tf.reduce_mean(dist.log_prob(x))
         grads = tape.gradient(loss, variables)
         grads, _ = tf.clip_by_global_norm(grads, clip_norm)
-        optimizer.apply_gradients(zip(grads, variables))
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
         return loss
 
     return step, optimizer

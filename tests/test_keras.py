@@ -149,45 +149,47 @@ _FRESH = textwrap.dedent("""
     import json, sys
     import numpy as np
     import tensorflow as tf
-    loaded = tf.saved_model.load(sys.argv[1])
-    x = np.load(sys.argv[2])
-    args = {"x": tf.constant(x[:, :2])}
-    extra = {}
-    if x.shape[1] > 2:
-        args["c"] = tf.constant(x[:, 2:])
-        extra["c"] = tf.constant(x[:1, 2:])
-    sig = loaded.signatures
-    out = {
-        "log_prob": sig["log_prob"](**args)["log_prob"].numpy().tolist(),
-        "sample": sig["sample"](n=tf.constant(5), seed=tf.constant(11), **extra)["x"]
-            .numpy().tolist(),
-        "tfp_naf_imported": "tfp_naf" in sys.modules,
-    }
+    out = {}
+    for name in ("plain", "conditional"):
+        sig = tf.saved_model.load(f"{sys.argv[1]}/{name}").signatures
+        x = np.load(f"{sys.argv[1]}/{name}.npy")
+        args, extra = {"x": tf.constant(x[:, :2])}, {}
+        if x.shape[1] > 2:
+            args["c"], extra["c"] = tf.constant(x[:, 2:]), tf.constant(x[:1, 2:])
+        out[name] = {
+            "log_prob": sig["log_prob"](**args)["log_prob"].numpy().tolist(),
+            "sample": sig["sample"](n=tf.constant(5), seed=tf.constant(11), **extra)["x"]
+                .numpy().tolist(),
+        }
+    out["tfp_naf_imported"] = "tfp_naf" in sys.modules
     print(json.dumps(out))
 """)
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_export_saved_model_runs_without_tfp_naf(tmp_path, conditional):
-    model = NAFDensityModel(event_size=2, conditional_size=1 if conditional else None,
-                            num_flows=1, hidden_units=[8], num_units=4)
-    _randomize_model(model)
-    model.x_mean.assign([1.0, -1.0])
-    x = np.random.default_rng(0).normal(size=(7, 3 if conditional else 2)).astype("float32")
-    c = x[:, 2:] if conditional else None
-    export_saved_model(model, tmp_path / "sm")
-    np.save(tmp_path / "x.npy", x)
+def test_export_saved_model_runs_without_tfp_naf(tmp_path):
+    models, data = {}, {}
+    for name, conditional in (("plain", False), ("conditional", True)):
+        model = NAFDensityModel(event_size=2, conditional_size=1 if conditional else None,
+                                num_flows=1, hidden_units=[8], num_units=4)
+        _randomize_model(model)
+        model.x_mean.assign([1.0, -1.0])
+        x = np.random.default_rng(0).normal(size=(7, 3 if conditional else 2))
+        models[name], data[name] = model, x.astype("float32")
+        export_saved_model(model, tmp_path / name)
+        np.save(tmp_path / f"{name}.npy", data[name])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [sys.executable, "-c", _FRESH, str(tmp_path / "sm"), str(tmp_path / "x.npy")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )
+    result = subprocess.run([sys.executable, "-c", _FRESH, str(tmp_path)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["tfp_naf_imported"] is False
-    np.testing.assert_allclose(out["log_prob"], model.log_prob(x[:, :2], c), rtol=1e-5)
-    expected = model.sample(5, c=None if c is None else c[:1], seed=11)
-    np.testing.assert_allclose(out["sample"], expected, rtol=1e-5, atol=1e-5)
+    for name, model in models.items():
+        x = data[name]
+        c = x[:, 2:] if model.conditional else None
+        np.testing.assert_allclose(out[name]["log_prob"], model.log_prob(x[:, :2], c),
+                                   rtol=1e-5)
+        expected = model.sample(5, c=None if c is None else c[:1], seed=11)
+        np.testing.assert_allclose(out[name]["sample"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_keras3_model_holding_our_layers_is_refused():

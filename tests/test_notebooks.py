@@ -57,7 +57,7 @@ def _assert_finite(values, what):
 def test_two_dimensional_densities(monkeypatch):
     nb, results = _run("01_two_dimensional_densities.ipynb", monkeypatch)
     nll = results["test_nll"]
-    assert set(nll) >= {"8gaussians", "checkerboard"}
+    assert "8gaussians" in nll
     for name, row in nll.items():
         assert set(row) == {"DSF", "DDSF", "MAF"}, name
         _assert_finite(row, f"test NLL on {name}")

@@ -154,8 +154,6 @@ def test_inverse_outside_range(kind):
     low, high = low.numpy(), high.numpy()
     x = lax.inverse(np.array([high[0] + 0.5, low[1] - 0.5])).numpy()
     assert np.all(np.isfinite(x)) and x[0] > 0 > x[1], x
-    # Far outside it lands on the same clamped values.
-    np.testing.assert_array_equal(lax.inverse(np.array([1e30, -1e30])), x)
 
 
 def test_solve_gradients_match_finite_differences(kind):

@@ -121,6 +121,9 @@ def write_table(path: Path, values: np.ndarray, header: "list[str] | None" = Non
     """Writes `values` as .npy or .csv (by extension), atomically (temp file + rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private (0600).
         with os.fdopen(fd, "wb") as f:
             if path.suffix.lower() == ".npy":
                 np.save(f, values)
@@ -186,9 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                        "model folder model/ into --out (rewriting those, nothing else).")
     p.add_argument("--out", type=Path, default=Path("tfp-naf-demo"),
                    help="output folder (default %(default)s)")
-    p.add_argument("--dataset", default="8gaussians",
+    p.add_argument("--dataset", default="pinwheel",
                    help="8gaussians, checkerboard, 2spirals or pinwheel (default %(default)s)")
-    p.add_argument("--steps", type=_positive(int), default=1500,
+    p.add_argument("--steps", type=_positive(int), default=5000,
                    help="training steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--batch-size", type=_positive(int), default=256, help="(default %(default)s)")
@@ -297,10 +300,10 @@ def _fit_callbacks(tf_keras, has_validation: bool, patience: int):
 
 
 def cmd_fit(args) -> int:
-    from tfp_naf.model_io import ModelDirError, _check_replaceable
+    from tfp_naf.model_io import ModelDirError, check_replaceable
 
     try:
-        _check_replaceable(args.out.absolute(), args.force)  # Fail before training.
+        check_replaceable(args.out.absolute(), args.force)  # Fail before training.
     except ModelDirError as e:
         raise CLIError(str(e)) from None
     if not 0.0 <= args.validation_split < 1.0:
@@ -461,10 +464,10 @@ def cmd_demo(args) -> int:
                        f"{', '.join(sorted(datasets.TOY_DATASETS))}.")
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {args.out} exists and is not a folder.")
-    from tfp_naf.model_io import ModelDirError, _check_replaceable
+    from tfp_naf.model_io import ModelDirError, check_replaceable
 
     try:
-        _check_replaceable((args.out / "model").absolute(), force=True)
+        check_replaceable((args.out / "model").absolute(), force=True)
     except ModelDirError as e:
         raise CLIError(str(e)) from None
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ def _tf_keras_objects(root, limit: int = 10000) -> "list[Any]":
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
             stack.extend(vars(obj).values())
     return found
 
@@ -582,22 +583,26 @@ class _Exported(tf.Module):
         seed_spec = tf.TensorSpec([], tf.int32, name="seed")
         if model.conditional:
             c_spec = tf.TensorSpec([None, model.conditional_size], dtype, name="c")
-            self.log_prob = tf.function(
-                lambda x, c: {"log_prob": model.log_prob(x, c)},
-                input_signature=[x_spec, c_spec],
-            )
-            self.sample = tf.function(
-                lambda n, seed, c: {"x": model.sample(n, c=c, seed=seed)},
-                input_signature=[n_spec, seed_spec, c_spec],
-            )
+
+            def log_prob(x, c):
+                return {"log_prob": model.log_prob(x, c)}
+
+            def sample(n, seed, c):
+                return {"x": model.sample(n, c=c, seed=seed)}
+
+            signatures = ([x_spec, c_spec], [n_spec, seed_spec, c_spec])
         else:
-            self.log_prob = tf.function(
-                lambda x: {"log_prob": model.log_prob(x)}, input_signature=[x_spec]
-            )
-            self.sample = tf.function(
-                lambda n, seed: {"x": model.sample(n, seed=seed)},
-                input_signature=[n_spec, seed_spec],
-            )
+
+            def log_prob(x):
+                return {"log_prob": model.log_prob(x)}
+
+            def sample(n, seed):
+                return {"x": model.sample(n, seed=seed)}
+
+            signatures = ([x_spec], [n_spec, seed_spec])
+        # No AutoGraph: the flow's loops are explicit tf.while_loops already.
+        self.log_prob = tf.function(log_prob, input_signature=signatures[0], autograph=False)
+        self.sample = tf.function(sample, input_signature=signatures[1], autograph=False)
 
 
 def export_saved_model(model: NAFDensityModel, path: "str | os.PathLike") -> None:

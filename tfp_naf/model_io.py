@@ -32,7 +32,14 @@ import tensorflow as tf
 
 from tfp_naf.keras import NAFDensityModel, export_saved_model
 
-__all__ = ["FORMAT", "ModelDirError", "is_model_dir", "load_model_dir", "save_model_dir"]
+__all__ = [
+    "FORMAT",
+    "ModelDirError",
+    "check_replaceable",
+    "is_model_dir",
+    "load_model_dir",
+    "save_model_dir",
+]
 
 FORMAT = "tfp_naf.model"
 VERSION = 1
@@ -43,6 +50,12 @@ _CONFIG, _WEIGHTS, _STANDARDIZATION, _METRICS = (
 
 class ModelDirError(ValueError):
     """A model folder is missing, incomplete, invalid, or in the way."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, obj) -> None:
@@ -58,7 +71,11 @@ def is_model_dir(path: "str | os.PathLike") -> bool:
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
-def _check_replaceable(path: Path, force: bool) -> None:
+def check_replaceable(path: Path, force: bool) -> None:
+    """Raises `ModelDirError` unless a model folder may be written at `path`.
+
+    Free, or (with `force`) an existing model folder or empty folder.
+    """
     if not os.path.lexists(path):
         return
     if not force:
@@ -83,7 +100,7 @@ def _swap(a: Path, b: Path) -> bool:
 
 
 def _move_into_place(tmp: Path, path: Path, force: bool) -> None:
-    _check_replaceable(path, force)  # Again: something may have appeared meanwhile.
+    check_replaceable(path, force)  # Again: something may have appeared meanwhile.
     if not os.path.lexists(path):
         os.rename(tmp, path)
         return
@@ -123,10 +140,11 @@ def save_model_dir(
         than a model folder or an empty folder.
     """
     path = Path(path).absolute()
-    _check_replaceable(path, force)
+    check_replaceable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700).
         config = {"format": FORMAT, "version": VERSION, "model": model.get_config()}
         config.update(metadata or {})
         _write_json(tmp / _CONFIG, config)

@@ -94,12 +94,20 @@ def find_root_increasing(
 ) -> RootSearchResults:
     """Solves `g(x) = y` for an increasing `g` by safeguarded Newton steps.
 
+    Starts at the false-position point of the bracket. Each iteration
+    evaluates `g` and `g'` once, shrinks the bracket, and takes the Newton
+    step if it lands strictly inside the bracket and at most halves the
+    previous step; otherwise a false-position (secant) step on the bracket's
+    ends, kept at least 1/16 of the width from either end, or a bisection
+    after a step that did not halve the bracket.
+
     Args:
       fn: elementwise `x -> (g(x), log g'(x))`.
       y: targets.
       low, high: a bracket with `g(low) <= y <= g(high)`, same shape as `y`.
-      tolerance: an element has converged once its last step was smaller than
-        `tolerance * (1 + |x|)` or its bracket is narrower than that.
+      tolerance: an element has converged once its Newton error estimate
+        `|g(x) - y| / g'(x)` is below `tolerance * (1 + |x|)` or its bracket
+        is narrower than that.
       max_iterations: hard cap on the number of iterations.
 
     Returns:
@@ -108,50 +116,59 @@ def find_root_increasing(
     y, low, high = (tf.stop_gradient(t) for t in (y, low, high))
     dtype = y.dtype
     tol = tf.constant(tolerance, dtype)
+    # |g(x) - y| at this level is rounding noise: x is as good as g resolves.
+    noise = tf.constant(4.0 * np.finfo(dtype.as_numpy_dtype).eps, dtype) * (1.0 + tf.abs(y))
+    f_low = fn(low)[0] - y
+    f_high = fn(high)[0] - y
 
-    def step(x, lo, hi, last_step):
+    def secant_point(lo, hi, f_lo, f_hi):
+        width = hi - lo
+        denom = f_hi - f_lo
+        t = tf.math.divide_no_nan(-f_lo, denom)
+        t = tf.where(tf.math.is_finite(t), t, 0.5)
+        return lo + tf.clip_by_value(t, 1.0 / 16.0, 15.0 / 16.0) * width
+
+    def body(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done):
         value, log_deriv = fn(x)
         f = value - y
-        lo = tf.where(f < 0, x, lo)
-        hi = tf.where(f > 0, x, hi)
+        below, above = f < 0, f > 0
+        lo, f_lo = tf.where(below, x, lo), tf.where(below, f, f_lo)
+        hi, f_hi = tf.where(above, x, hi), tf.where(above, f, f_hi)
         newton_step = f / tf.exp(log_deriv)
         newton = x - newton_step
+        width = hi - lo
+        scale = tol * (1.0 + tf.abs(x))
         use_newton = (
             (newton > lo)
             & (newton < hi)
             & tf.math.is_finite(newton)
             & (2.0 * tf.abs(newton_step) <= tf.abs(last_step))
         )
-        midpoint = lo + 0.5 * (hi - lo)
-        x_new = tf.where(use_newton, newton, midpoint)
-        x_new = tf.where(tf.equal(f, 0.0), x, x_new)
-        return x_new, lo, hi, x_new - x, f
+        # False position while it shrinks the bracket fast, else bisection.
+        fallback = tf.where(
+            2.0 * width <= last_width, secant_point(lo, hi, f_lo, f_hi), lo + 0.5 * width
+        )
+        x_new = tf.where(use_newton, newton, fallback)
+        x_new = tf.where((tf.abs(f) <= noise) | done, x, x_new)
+        converged = done | (tf.abs(f) <= noise) | (width <= scale) | (
+            use_newton & (tf.abs(newton_step) <= scale)
+        )
+        return (i + 1, x_new, lo, hi, f_lo, f_hi, x_new - x,
+                tf.where(use_newton, last_width, width), f, converged)
 
-    def is_converged(x, lo, hi, last_step):
-        scale = tol * (1.0 + tf.abs(x))
-        return (tf.abs(last_step) <= scale) | (hi - lo <= scale)
+    def cond(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done):
+        return tf.logical_not(tf.reduce_all(done))
 
-    def cond(i, x, lo, hi, last_step, f):
-        return tf.logical_not(tf.reduce_all(is_converged(x, lo, hi, last_step)))
-
-    def body(i, x, lo, hi, last_step, f):
-        x, lo, hi, last_step, f = step(x, lo, hi, last_step)
-        return i + 1, x, lo, hi, last_step, f
-
-    x0 = low + 0.5 * (high - low)
-    infinite_step = tf.fill(tf.shape(y), tf.constant(float("inf"), dtype))
-    i, x, lo, hi, last_step, f = tf.while_loop(
+    x0 = secant_point(low, high, f_low, f_high)
+    infinite = tf.fill(tf.shape(y), tf.constant(float("inf"), dtype))
+    i, x, lo, hi, _, _, _, _, f, done = tf.while_loop(
         cond,
         body,
-        (tf.constant(0), x0, low, high, infinite_step, tf.zeros_like(y)),
+        (tf.constant(0), x0, low, high, f_low, f_high, infinite, infinite,
+         tf.zeros_like(y), tf.zeros_like(y, tf.bool)),
         maximum_iterations=max_iterations,
     )
-    return RootSearchResults(
-        root=x,
-        objective_at_root=f,
-        num_iterations=i,
-        converged=is_converged(x, lo, hi, last_step),
-    )
+    return RootSearchResults(root=x, objective_at_root=f, num_iterations=i, converged=done)
 
 
 def solve_increasing(
