@@ -10,7 +10,7 @@ NAF's default):
 * "naf-dsf-ctx<C>", "naf-ddsf-ctx<C>": the same with the compact conditioner
   (`context_units=C`);
 * "maf": TFP's affine `tfb.MaskedAutoregressiveFlow` with
-  `tfb.AutoregressiveNetwork(params=2)`, output layer zeroed (identity start);
+  `tfb.AutoregressiveNetwork(params=2)`, output layer shrunk as the NAF's (near-identity start);
 * "rqs": `tfb.MaskedAutoregressiveFlow` whose `bijector_fn` builds a
   `tfb.RationalQuadraticSpline` (8 bins on `[-B, B]`, identity tails) from a
   MADE output.
@@ -26,7 +26,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 import tfp_naf
-from tfp_naf.conditioners import zero_output_layer
+from tfp_naf.conditioners import shrink_output_layer
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -84,10 +84,10 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype):
             params=2, event_shape=[event_size], hidden_units=list(hidden_units),
             activation="relu", dtype=dtype,
         )
-        # Start at the identity, as the NAF does: with a random output layer the
-        # 5 unbounded affine layers overflow on 43-d data (NaN from step one).
+        # Start near the identity, as the NAF does: with a full-size random output
+        # layer the 5 unbounded affine layers overflow on 43-d data (NaN at once).
         made.build((None, event_size))
-        zero_output_layer(made)
+        shrink_output_layer(made)
         return tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=made), made
     if model == "rqs":
         fn = _SplineFn(event_size, hidden_units, SPLINE_BINS, SPLINE_BOUND)

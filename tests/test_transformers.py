@@ -12,11 +12,22 @@ KINDS = {
     "ddsf2": (DeepDenseSigmoidalFlow, {"num_layers": 2}),
     "ddsf3": (DeepDenseSigmoidalFlow, {"num_layers": 3}),
 }
+# Bounded range: DSF, and DDSF without its default linear tail.
+BOUNDED = {
+    "dsf": (DeepSigmoidalFlow, {}),
+    "ddsf2-notail": (DeepDenseSigmoidalFlow, {"num_layers": 2, "tail_slope": 0.0}),
+}
+KINDS.update(BOUNDED)
 NUM_UNITS = 6
 
 
-@pytest.fixture(params=sorted(KINDS))
+@pytest.fixture(params=["dsf", "ddsf2", "ddsf3"])
 def kind(request):
+    return request.param
+
+
+@pytest.fixture(params=sorted(BOUNDED))
+def bounded_kind(request):
     return request.param
 
 
@@ -49,7 +60,7 @@ def test_identity_at_zero_params(kind):
     x = np.linspace(-6.0, 6.0, 49)
     y, log_deriv = (t.numpy() for t in bij.forward_and_log_derivative(x))
     # The clipping moves g by about clip * exp(|x|) / 2 per layer.
-    bound = layers * bij.clip * np.exp(np.abs(x)) + 1e-12
+    bound = layers * bij.clip * np.exp(np.abs(x)) + bij.tail_slope * 1e-3 * np.abs(x) ** 3 + 1e-12
     assert np.all(np.abs(y - x) <= bound)
     assert np.all(np.abs(log_deriv) <= 2.0 * bound)
     np.testing.assert_allclose(bij.inverse(x), x, atol=1e-3)
@@ -96,9 +107,38 @@ def test_finite_far_out_with_gradients(kind, dtype):
             assert np.all(np.isfinite(grad.numpy())), (target.name, grad)
     assert np.all(np.isfinite(tape.gradient(total, params).numpy()))
     assert np.all(np.abs(y.numpy()) <= bij.range_limit)
+
+
+def test_bounded_range_saturates(bounded_kind):
+    bij = make(bounded_kind, batch_shape=[5, 1], scale=1.5)
+    y = bij.forward(np.concatenate([[-1e6], np.linspace(-60.0, 60.0, 2001), [1e6]])).numpy()
+    assert np.all(np.abs(y) <= bij.range_limit)
     # Far in the tails the output sits at the edge of its range.
     low, high = (t.numpy() for t in bij.forward_limits())
-    np.testing.assert_allclose(y.numpy()[[0, -1]], [low[0], high[-1]], rtol=1e-4)
+    np.testing.assert_allclose(y[:, [0, -1]], np.concatenate([low, high], -1), rtol=1e-4)
+
+
+def test_ddsf_tail_makes_range_unbounded():
+    # A small last-layer slope squeezes the layers' range; the tail restores R.
+    p = DeepDenseSigmoidalFlow.num_params(NUM_UNITS, 2)
+    params = np.zeros([p])
+    params[NUM_UNITS * (2 + NUM_UNITS):][:NUM_UNITS] = -6.0  # a of the last layer ~ 0.0035.
+    notail = DeepDenseSigmoidalFlow(params=params, num_units=NUM_UNITS, tail_slope=0.0)
+    low, high = (t.numpy() for t in notail.forward_limits())
+    assert high - low < 0.5  # Most of N(0, 1) would have no preimage.
+    bij = DeepDenseSigmoidalFlow(params=params, num_units=NUM_UNITS)
+    assert bij.range_limit == np.inf
+    low, high = (t.numpy() for t in bij.forward_limits())
+    assert low == -np.inf and high == np.inf
+    y = np.array([-20.0, -3.0, -0.1, 0.0, 2.0, 20.0])
+    x = bij.inverse(y)
+    assert np.all(np.isfinite(x.numpy()))
+    np.testing.assert_allclose(bij.forward(tf.identity(x)), y, atol=1e-9)
+    # The density of z = g(x) with z ~ N(0, 1) integrates to one over x.
+    grid = np.linspace(-6000.0, 6000.0, 600001)
+    z, log_deriv = (t.numpy() for t in bij.forward_and_log_derivative(grid))
+    density = np.exp(-0.5 * z**2 + log_deriv) / np.sqrt(2 * np.pi)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-9)])
@@ -113,6 +153,7 @@ def test_round_trip_both_ways(kind, dtype, tol):
     low, high = (t.numpy() for t in bij.forward_limits())  # [3, 1] each.
     assert np.all(low < high)
     u = np.linspace(0.02, 0.98, 41).astype(dtype)
+    low, high = np.maximum(low, -30.0), np.minimum(high, 30.0)
     targets = low + (high - low) * u
     assert targets.shape == (3, 41)
     y_back = bij.forward(bij.solve(tf.identity(targets))).numpy()
@@ -142,7 +183,8 @@ def test_bad_params_size_names_expected_size():
         DeepSigmoidalFlow(params=np.zeros([12], np.float32), clip=1.5)
 
 
-def test_inverse_outside_range(kind):
+def test_inverse_outside_range(bounded_kind):
+    kind = bounded_kind
     bij = make(kind, batch_shape=[2], scale=1.0, validate_args=True)
     low, high = bij.forward_limits()
     inside = 0.5 * (low + high)

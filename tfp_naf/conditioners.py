@@ -26,11 +26,15 @@ import tf_keras
 
 tfb = tfp.bijectors
 
+# Scale of the conditioner's initial output weights: small, so the flow starts
+# near the identity, but not zero, so the units of a transformer are distinct.
+OUTPUT_INIT_SCALE = 1e-2
+
 __all__ = [
     "CompactAutoregressiveNetwork",
     "match_dtype",
     "solve_order",
-    "zero_output_layer",
+    "shrink_output_layer",
 ]
 
 
@@ -42,9 +46,11 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
     theta[..., i, :] = h[..., i, :] @ W + bias[i]     # W: [context_units, P]
     ```
 
-    `W` and `bias` start at zero, so `theta = 0` at initialisation (the
-    transformers are then the identity) while the MADE's own weights are
-    random and receive gradients from the first step.
+    `W` starts at `OUTPUT_INIT_SCALE` (1e-2) times a Glorot initialisation and
+    `bias` at `N(0, OUTPUT_INIT_SCALE^2)`, so `theta` is near 0 (the
+    transformers near the identity) while the units of each transformer are
+    distinct. (All-zero weights would tie them: identical units get identical
+    gradients and never separate.)
 
     #### Examples
 
@@ -107,13 +113,15 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         self._kernel = self.add_weight(
             name="kernel",
             shape=[self._context_units, self._params],
-            initializer="zeros",
+            initializer=tf_keras.initializers.VarianceScaling(
+                scale=OUTPUT_INIT_SCALE**2, mode="fan_avg", distribution="uniform"
+            ),
             dtype=self.dtype,
         )
         self._bias = self.add_weight(
             name="bias",
             shape=[event_size, self._params],
-            initializer="zeros",
+            initializer=tf_keras.initializers.RandomNormal(stddev=OUTPUT_INIT_SCALE),
             dtype=self.dtype,
         )
         super().build(input_shape)
@@ -180,25 +188,32 @@ def match_dtype(made) -> None:
             layer._set_dtype_policy(made.dtype)
 
 
-def zero_output_layer(made: tfb.AutoregressiveNetwork) -> None:
-    """Sets the output layer of a built MADE to zero, so that it outputs 0.
+def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: float = OUTPUT_INIT_SCALE) -> None:
+    """Scales the output kernel of a built MADE by `scale`; bias `N(0, scale^2)`.
 
-    Used on the MADEs the flow builds itself, so that the flow starts at the
-    identity. The output layer is every Dense layer after the last activation
-    (the autoregressive one and, for a conditional MADE, the conditional one).
+    Used on the MADEs the flow builds itself, so that the flow starts near the
+    identity. Nothing is zeroed: with an all-zero output every unit of a
+    transformer starts identical, receives identical gradients and never
+    separates (a DSF would stay an affine map). The bias matters most: the
+    first dimension's parameters are the bias alone. Scaling keeps the
+    autoregressive masks (masked entries stay zero). The output layer is every
+    Dense layer after the last activation (the autoregressive one and, for a
+    conditional MADE, the conditional one).
     """
     network = getattr(made, "_network", None)
     if network is None:
-        raise ValueError("The MADE must be built before its output is zeroed.")
+        raise ValueError("The MADE must be built before its output layer is scaled.")
     layers = list(network.layers)
     activations = [
-        i for i, layer in enumerate(layers)
-        if isinstance(layer, tf_keras.layers.Activation)
+        i for i, layer in enumerate(layers) if isinstance(layer, tf_keras.layers.Activation)
     ]
     tail = layers[activations[-1] + 1 :] if activations else layers
     dense = [layer for layer in tail if isinstance(layer, tf_keras.layers.Dense)]
     if not dense:
         raise ValueError("Could not find the output layer of the MADE.")
     for layer in dense:
-        for weight in layer.weights:
-            weight.assign(tf.zeros_like(weight))
+        layer.kernel.assign(layer.kernel * tf.cast(scale, layer.kernel.dtype))
+        if layer.bias is not None:
+            layer.bias.assign(
+                tf.random.normal(layer.bias.shape, stddev=scale, dtype=layer.bias.dtype)
+            )

@@ -8,8 +8,8 @@ deterministic given `seed`, and return float32 arrays `[n, 2]`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def checkerboard(n: int, seed: int = 0) -> np.ndarray:
     """Uniform on the black squares of a 4 x 4 board spanning [-4, 4]^2."""
     rng = np.random.default_rng(seed)
     x1 = rng.uniform(-4.0, 4.0, n)
-    x2 = rng.uniform(0.0, 2.0, n) - 2.0 * rng.integers(0, 2, n)
+    x2 = rng.uniform(0.0, 2.0, n) - 4.0 * rng.integers(0, 2, n)
     x2 = x2 + 2.0 * (np.floor(x1 / 2.0) % 2)
     return np.stack([x1, x2], axis=1).astype(np.float32)
 

@@ -63,7 +63,9 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
     never from the iterations. The forward map's range is bounded (each `z_i`
     lies in `(-L, L)`, `L = logit(1 - clip / 2)`, about 14.5 by default):
     `z_i` outside the range of its transformer is clamped to just inside it,
-    giving a large finite `x_i` (with `validate_args=True`, an error).
+    giving a large finite `x_i` (with `validate_args=True`, an error). DDSF
+    adds a small linear tail by default (`tail_slope`), making its range the
+    whole real line.
 
     Direction: `forward` maps data to noise. For density estimation use
     `tfd.TransformedDistribution(base, tfb.Invert(naf))` (log_prob is one
@@ -113,6 +115,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         context_units: "int | None" = None,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
+        tail_slope: "float | None" = None,
         tolerance: "float | None" = None,
         max_iterations: int = 100,
         dtype=tf.float32,
@@ -126,8 +129,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             `CompactAutoregressiveNetwork`) whose `params` equals
             `conditioner_params(transformer, num_units, num_layers)`. When None,
             one is built from `event_shape`, `hidden_units` and the MADE options
-            below, with its output layer zeroed so the flow starts at the
-            identity.
+            below, with its output layer scaled down (by 1e-2) so the flow
+            starts near the identity with distinct transformer units.
           event_shape: `[D]`, required when building the conditioner.
           hidden_units: hidden layer widths of the built MADE.
           transformer: "dsf", "ddsf", or a transformer class.
@@ -142,6 +145,9 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             per dimension, mapped to the transformer's parameters by a shared
             layer.
           clip, min_slope: transformer options (see `DeepSigmoidalFlow`).
+          tail_slope: slope of the transformer's linear tail; None keeps the
+            transformer's default (0 for DSF, 1e-3 for DDSF, whose range would
+            otherwise depend on the parameters).
           tolerance, max_iterations: inverse search options.
           dtype: dtype of the built conditioner (float32 or float64).
           validate_args: check inputs are finite, and inverse inputs in range.
@@ -195,6 +201,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
                 **({} if transformer_cls is TRANSFORMERS["dsf"] else {"num_layers": num_layers}),
                 clip=clip,
                 min_slope=min_slope,
+                **({} if tail_slope is None else {"tail_slope": tail_slope}),
                 tolerance=tolerance,
                 max_iterations=max_iterations,
                 validate_args=validate_args,
@@ -253,7 +260,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             made = tfb.AutoregressiveNetwork(params=num_params, **options)
             made.build((None, event_shape[-1]))
             conditioners.match_dtype(made)
-            conditioners.zero_output_layer(made)
+            conditioners.shrink_output_layer(made)
             return made
         net = conditioners.CompactAutoregressiveNetwork(
             params=num_params, context_units=context_units, **options

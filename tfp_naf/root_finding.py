@@ -2,10 +2,14 @@
 
 The transformers of a neural autoregressive flow have no closed-form inverse.
 Their inverse is found numerically by a safeguarded Newton iteration inside a
-bracket (Numerical Recipes' ``rtsafe``): a Newton step is taken when it lands
-strictly inside the current bracket and at least halves the previous step,
-otherwise the bracket is bisected. Every element is solved at once, so the loop
-runs until the slowest element has converged or the iteration cap is reached.
+bracket (after Numerical Recipes' ``rtsafe``): a Newton step is taken when it
+lands strictly inside the current bracket and at least halves the previous
+step; otherwise a false-position step on the bracket's ends (kept away from
+them), or a bisection when the bracket stopped halving. The search starts at
+the bracket's false-position point, which is nearly exact where `g` is close
+to linear (the transformers' tails). Every element is solved at once, so the
+loop runs until the slowest element has converged or the iteration cap is
+reached; converged elements stay put.
 
 Gradients never flow through the loop (differentiating through bisection gives
 NaN and is wasteful). :func:`solve_increasing` instead returns
@@ -20,7 +24,8 @@ are those of the implicit function theorem, `dx/dy = 1 / g'` and
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -65,21 +70,22 @@ def expand_bracket(
     """
     width = tf.ones_like(y)
 
-    def needs_work(lo, hi):
-        return tf.logical_or(fn(lo)[0] > y, fn(hi)[0] < y)
+    def misses(lo, hi):  # One evaluation per side, reused by cond and body.
+        return fn(lo)[0] > y, fn(hi)[0] < y
 
-    def cond(i, lo, hi, w):
-        return tf.logical_and(i < max_doublings, tf.reduce_any(needs_work(lo, hi)))
+    def cond(i, lo, hi, w, lo_bad, hi_bad):
+        return tf.reduce_any(lo_bad | hi_bad)
 
-    def body(i, lo, hi, w):
-        lo_bad = fn(lo)[0] > y
-        hi_bad = fn(hi)[0] < y
+    def body(i, lo, hi, w, lo_bad, hi_bad):
         lo = tf.where(lo_bad, lo - w, lo)
         hi = tf.where(hi_bad, hi + w, hi)
-        return i + 1, lo, hi, 2.0 * w
+        return (i + 1, lo, hi, 2.0 * w) + misses(lo, hi)
 
-    _, low, high, _ = tf.while_loop(
-        cond, body, (tf.constant(0), low, high, width), maximum_iterations=max_doublings
+    _, low, high, _, _, _ = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), low, high, width) + misses(low, high),
+        maximum_iterations=max_doublings,
     )
     return low, high
 

@@ -33,8 +33,9 @@ At `params = 0` every `a` is 1, every `b` is 0 and every mixture is uniform, so
 
 The inverse has no closed form: it is found by safeguarded Newton iterations
 inside a bracket (`tfp_naf.root_finding`), with gradients from the implicit
-function theorem. `y` outside the range `(g(-inf), g(+inf))` (within `(-L, L)`)
-has no preimage: it is clamped to just inside the range, so the inverse returns
+function theorem. DDSF adds a small linear tail by default (`tail_slope`), so
+its range is the whole real line; see `DeepDenseSigmoidalFlow`. Without a tail,
+`y` outside the range `(g(-inf), g(+inf))` (within `(-L, L)`) has no preimage: it is clamped to just inside the range, so the inverse returns
 a large finite `x` at the edge of the range, never NaN; with
 `validate_args=True` it raises instead.
 """
@@ -60,6 +61,7 @@ __all__ = ["DeepSigmoidalFlow", "DeepDenseSigmoidalFlow", "TRANSFORMERS"]
 
 DEFAULT_CLIP = 1e-6
 DEFAULT_MIN_SLOPE = 1e-3
+DEFAULT_DDSF_TAIL_SLOPE = 1e-3
 # An input far enough out that every sigmoid saturates: g(+-this) = g(+-inf).
 _SATURATING_INPUT = 1e18
 
@@ -127,6 +129,7 @@ class _SigmoidalTransformer(tfb.Bijector):
         num_layers,
         clip,
         min_slope,
+        tail_slope,
         tolerance,
         max_iterations,
         validate_args,
@@ -163,10 +166,13 @@ class _SigmoidalTransformer(tfb.Bijector):
                 raise ValueError(f"`clip` must be in (0, 1); got {clip}.")
             if not 0.0 <= min_slope < 1.0:
                 raise ValueError(f"`min_slope` must be in [0, 1); got {min_slope}.")
+            if not 0.0 <= tail_slope < 1.0:
+                raise ValueError(f"`tail_slope` must be in [0, 1); got {tail_slope}.")
             self._num_units = num_units
             self._num_layers = num_layers
             self._clip = float(clip)
             self._min_slope = float(min_slope)
+            self._tail_slope = float(tail_slope)
             np_dtype = dtype_util.as_numpy_dtype(dtype)
             if tolerance is None:
                 tolerance = 1e-6 if np_dtype == np.float32 else 1e-12
@@ -232,6 +238,11 @@ class _SigmoidalTransformer(tfb.Bijector):
         return self._min_slope
 
     @property
+    def tail_slope(self) -> float:
+        """`eps` of the linear tail `g = (1 - eps) g_sigmoidal + eps x` (0: none)."""
+        return self._tail_slope
+
+    @property
     def tolerance(self) -> float:
         return self._tolerance
 
@@ -241,7 +252,9 @@ class _SigmoidalTransformer(tfb.Bijector):
 
     @property
     def range_limit(self) -> float:
-        """`L`: the forward map's range is the open interval `(-L, L)`."""
+        """`L`: the range of the forward map lies in `(-L, L)`; inf with a linear tail."""
+        if self._tail_slope > 0.0:
+            return float("inf")
         return float(np.log1p(-self._clip / 2.0) - np.log(self._clip / 2.0))
 
     @classmethod
@@ -283,7 +296,15 @@ class _SigmoidalTransformer(tfb.Bijector):
             h, log_dh = _sigmoidal_layer(
                 h, log_dh, a_raw, b, w, u, self._clip, self._min_slope
             )
-        return h[..., 0], log_dh[..., 0]
+        y, log_deriv = h[..., 0], log_dh[..., 0]
+        if self._tail_slope > 0.0:
+            eps = self._tail_slope
+            y = tf.constant(1.0 - eps, self.dtype) * y + tf.constant(eps, self.dtype) * x
+            log_deriv = _logaddexp(
+                tf.constant(np.log1p(-eps), self.dtype) + log_deriv,
+                tf.constant(np.log(eps), self.dtype),
+            )
+        return y, log_deriv
 
     def _forward(self, x):
         y, log_deriv = self.forward_and_log_derivative(x)
@@ -300,12 +321,17 @@ class _SigmoidalTransformer(tfb.Bijector):
     ) -> "tuple[tf.Tensor, tf.Tensor]":
         """`(g(-inf), g(+inf))`: the open range of the forward map, per element.
 
-        Both lie within `[-L, L]`; for DSF they are exactly `-L` and `L`, for
-        DDSF they depend on the parameters.
+        Without a linear tail both lie within `[-L, L]`: for DSF they are
+        exactly `-L` and `L`, for DDSF they depend on the parameters. With a
+        linear tail (`tail_slope > 0`) they are `-inf` and `inf`.
         """
         params = self._params if params is None else params
         params = tf.convert_to_tensor(params, dtype=self.dtype)
-        big = tf.fill(ps.shape(params)[:-1], tf.constant(_SATURATING_INPUT, self.dtype))
+        batch = ps.shape(params)[:-1]
+        if self._tail_slope > 0.0:
+            inf = tf.fill(batch, tf.constant(np.inf, self.dtype))
+            return -inf, inf
+        big = tf.fill(batch, tf.constant(_SATURATING_INPUT, self.dtype))
         return (
             self.forward_and_log_derivative(-big, params)[0],
             self.forward_and_log_derivative(big, params)[0],
@@ -321,7 +347,8 @@ class _SigmoidalTransformer(tfb.Bijector):
         `y` outside the open range `(g(-inf), g(+inf))` has no preimage: it is
         clamped to just inside the range and the result is a large finite `x`
         (its gradient with respect to `y` is zero). With `validate_args=True`
-        such `y` raises `InvalidArgumentError` instead.
+        such `y` (or a non-finite one) raises `InvalidArgumentError` instead.
+        With a linear tail every finite `y` has a preimage.
         """
         params = self._params if params is None else params
         params = tf.convert_to_tensor(params, dtype=self.dtype)
@@ -338,15 +365,18 @@ class _SigmoidalTransformer(tfb.Bijector):
                     message=(
                         f"Inverse of {type(self).__name__}: a value lies outside the "
                         "range of the forward map (at most "
-                        f"(-{self.range_limit:.4g}, {self.range_limit:.4g}))."
+                        f"(-{self.range_limit:.4g}, {self.range_limit:.4g})) or is "
+                        "not finite."
                     ),
                 )
             )
         with tf.control_dependencies(assertions):
-            eps = np.finfo(dtype_util.as_numpy_dtype(self.dtype)).eps
-            low_limit += 16.0 * eps * (1.0 + tf.abs(low_limit))
-            high_limit -= 16.0 * eps * (1.0 + tf.abs(high_limit))
-            y = tf.clip_by_value(y, low_limit, high_limit)
+            y = tf.identity(y)
+            if self._tail_slope == 0.0:
+                eps = np.finfo(dtype_util.as_numpy_dtype(self.dtype)).eps
+                low_limit += 16.0 * eps * (1.0 + tf.abs(low_limit))
+                high_limit -= 16.0 * eps * (1.0 + tf.abs(high_limit))
+                y = tf.clip_by_value(y, low_limit, high_limit)
 
         def fn(x):
             return self.forward_and_log_derivative(x, params)
@@ -407,6 +437,7 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
         num_units: "int | None" = None,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
+        tail_slope: float = 0.0,
         tolerance: "float | None" = None,
         max_iterations: int = 100,
         validate_args: bool = False,
@@ -421,6 +452,9 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
           clip: squeeze of the sigmoid mixture before the logit, in (0, 1). It
             bounds the range to `(-L, L)`, `L = logit(1 - clip / 2)`.
           min_slope: lower bound added to each `a_k`.
+          tail_slope: `eps` in [0, 1): when positive, `g` becomes
+            `(1 - eps) g + eps x`, whose range is the whole real line. DSF's
+            range `(-L, L)` does not depend on `params`, so the default is 0.
           tolerance: relative step tolerance of the inverse search; defaults to
             1e-6 (float32) or 1e-12 (float64).
           max_iterations: cap on the inverse search's iterations.
@@ -434,6 +468,7 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
             1,
             clip,
             min_slope,
+            tail_slope,
             tolerance,
             max_iterations,
             validate_args,
@@ -442,6 +477,8 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
         )
 
     def _bracket(self, y, params):
+        if self._tail_slope > 0.0:
+            return super()._bracket(y, params)
         (a_raw, b, w, _), = self._split_params(params)
         dtype = self.dtype
         shift = tf.constant(np.log(np.expm1(1.0 - self._min_slope)), dtype)
@@ -482,8 +519,17 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
 
     Per layer `params` holds `[a_raw (K), b (K), w_logits (n_out * K),
     u_logits (K * n_in, omitted when n_in = 1)]`, concatenated over layers;
-    `num_params(K, L)` gives the total. With `num_layers=1` it is exactly DSF.
-    At `params = 0` it is the identity (up to the clipping).
+    `num_params(K, L)` gives the total. With `num_layers=1` and no tail it is
+    exactly DSF. At `params = 0` it is the identity (up to the clipping).
+
+    Unlike DSF, the range of the stacked layers depends on the parameters and
+    can be much narrower than `(-L, L)` (a small slope `a` in the last layer
+    squeezes it), so noise values outside it would have no preimage and a
+    density built on `Invert` would lose mass. DDSF therefore adds a small
+    linear tail by default, `g = (1 - eps) g_layers + eps x` with
+    `eps = tail_slope = 1e-3`: the range is the whole real line, the density is
+    exactly normalised, and every finite value has an inverse. Pass
+    `tail_slope=0` for the paper's exact form.
 
     #### Examples
 
@@ -507,6 +553,7 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
         num_layers: int = 2,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
+        tail_slope: float = DEFAULT_DDSF_TAIL_SLOPE,
         tolerance: "float | None" = None,
         max_iterations: int = 100,
         validate_args: bool = False,
@@ -518,6 +565,7 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
           params: float `Tensor` `[..., num_params(num_units, num_layers)]`.
           num_units: `K`, the width of each layer; inferred when None.
           num_layers: number of dense sigmoidal layers (>= 1).
+          tail_slope: `eps` of the linear tail (see above); 0 for none.
           clip, min_slope, tolerance, max_iterations, validate_args, name: as
             for `DeepSigmoidalFlow`.
         """
@@ -528,6 +576,7 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
             num_layers,
             clip,
             min_slope,
+            tail_slope,
             tolerance,
             max_iterations,
             validate_args,

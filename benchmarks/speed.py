@@ -1,0 +1,263 @@
+"""Speed: NAF log_prob, training step and sampling, as ratios to their references.
+
+Setup (one run, so every ratio compares timings taken side by side): D=43,
+5 layers with reversals, MADE hidden [128, 128], 16 transformer units, batch
+512, float32, weights perturbed from the identity start (masks kept). Each
+operation runs in `tf.function` and with `jit_compile=True`; timings are
+medians over repeats after warm-up (compilation excluded).
+
+References: (a) the flow's own 5 conditioners: their forwards (floor of
+log_prob), forward+backward (floor of a training step), and D sequential
+rounds of the 5 forwards (floor of sampling); (b) TFP's affine MAF with the
+same MADE sizes. Also reported: Newton iterations of the inverse per
+dimension, round-trip error, peak memory (max-RSS growth of a subprocess per
+case, as `tf.config.experimental.get_memory_info` does not support CPU).
+
+    python -m benchmarks.speed [--fast] [--variants naf-dsf,naf-dsf-ctx16] [--no-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.models import build_flow, perturb
+from benchmarks.train import make_train_step
+from tfp_naf import root_finding
+
+RESULTS = Path(__file__).resolve().parent / "results"
+D, BATCH, HIDDEN, FLOWS = 43, 512, [128, 128], 5
+TARGETS = [  # (operation, reference, bound)
+    ("log_prob", "cond_fwd", 1.3),
+    ("train_step", "cond_fwd_bwd", 1.3),
+    ("sample", "cond_sequential", 1.5),
+    ("log_prob", "maf_log_prob", 2.0),
+    ("train_step", "maf_train_step", 2.5),
+    ("sample", "maf_sample", 4.0),
+]
+ROUND_TRIP_BOUND = 1e-4
+
+
+def _operations(model: str, seed: int = 0):
+    """Name -> (python function of one tensor, its input) for one model."""
+    tf.keras.utils.set_random_seed(seed)
+    dist, to_noise, conds = build_flow(model, D, HIDDEN, num_flows=FLOWS)
+    perturb(conds, scale=0.1, seed=seed)
+    x = tf.random.normal([BATCH, D], seed=seed)
+    z = tf.constant(to_noise.forward(x).numpy())  # Realistic noise for this flow.
+    to_data = tfp_invert(to_noise)
+    step, _ = make_train_step(dist, learning_rate=1e-6)
+    ops = {"log_prob": (dist.log_prob, x), "train_step": (step, x), "sample": (to_data.forward, z)}
+    return ops, dist, to_noise, conds, x
+
+
+def tfp_invert(bijector):
+    import tensorflow_probability as tfp
+
+    if isinstance(bijector, tfp.bijectors.Invert):
+        return bijector.bijector
+    return tfp.bijectors.Invert(bijector)
+
+
+def _conditioner_references(conds, x, naf_layers=None):
+    variables = [v for c in conds for v in c.trainable_variables]
+
+    def fwd(x):
+        return [c(x) for c in conds]
+
+    def fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_mean(tf.square(c(x))) for c in conds])
+        return tape.gradient(loss, variables)
+
+    def sequential(x):  # D rounds of the 5 forwards, each fed by the last.
+        def body(i, x):
+            for c in conds:
+                x = c(x)[..., 0]
+            return i + 1, x
+
+        return tf.while_loop(lambda i, x: i < D, body, (tf.constant(0), x))[1]
+
+    refs = {"cond_fwd": (fwd, x), "cond_fwd_bwd": (fwd_bwd, x),
+            "cond_sequential": (sequential, x)}
+    transformer = getattr(naf_layers[0], "transformer", None) if naf_layers else None
+    if transformer is not None:  # Diagnostic: the 5 transformers alone, at fixed theta.
+        thetas = [tf.constant(c(x).numpy()) for c in conds]
+
+        def transformers_only(x):
+            return [transformer.forward_and_log_derivative(x, t) for t in thetas]
+
+        refs["transformers_only"] = (transformers_only, x)
+    return refs
+
+
+def _time(fn, arg, repeats: int) -> float:
+    for _ in range(2):  # Warm-up: tracing and compilation excluded.
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(arg))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(arg))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _inverse_stats(to_noise, x) -> dict:
+    """Iterations per solve of the first layer's inverse, and round-trip errors."""
+    z = tf.constant(to_noise.forward(x).numpy())  # A fresh tensor: no bijector cache.
+    x_back = to_noise.inverse(z)
+    z_back = to_noise.forward(tf.constant(x_back.numpy()))
+    naf = to_noise.bijectors[-1]  # The layer that sees the data first.
+    transformer = naf.transformer
+    z1 = tf.constant(naf.forward(x).numpy())
+    theta = naf.conditioner(x)  # Each pass of the inverse sees theta(x) at the end.
+    iterations = []
+    for d in range(D):
+        y, p = z1[:, d], theta[:, d]
+        low, high = transformer._bracket(y, p)
+
+        def fn(t, p=p):
+            return transformer.forward_and_log_derivative(t, p)
+
+        low, high = root_finding.expand_bracket(fn, y, low, high)
+        result = root_finding.find_root_increasing(
+            fn, y, low, high, transformer.tolerance, transformer.max_iterations)
+        iterations.append(int(result.num_iterations))
+    return dict(
+        round_trip_x=float(tf.reduce_max(tf.abs(x_back - x))),
+        round_trip_z=float(tf.reduce_max(tf.abs(z_back - z))),
+        iterations_mean=float(np.mean(iterations)),
+        iterations_max=int(np.max(iterations)),
+    )
+
+
+def _memory_case(model: str, op: str, jit: bool) -> float:
+    """Max-RSS growth (MiB) of running one compiled case, in this process."""
+    ops, *_ = _operations(model)
+    fn, arg = ops[op]
+    compiled = tf.function(fn, jit_compile=jit)
+    compiled(arg)  # Compile first: its memory is not the operation's.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        compiled(arg)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+
+
+def _memory(model: str, op: str, jit: bool) -> "float | None":
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--memory-case", f"{model}:{op}:{int(jit)}"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("MEMORY_MIB "):
+            return float(line.split()[1])
+    print(f"  memory case {model}:{op} failed: {out.stderr[-300:]}")
+    return None
+
+
+def run(variants, fast: bool, memory: bool) -> dict:
+    repeats = 2 if fast else 7
+    maf_ops, *_ = _operations("maf")
+    report = {"setup": dict(D=D, batch=BATCH, hidden=HIDDEN, flows=FLOWS, units=16,
+                            repeats=repeats, dtype="float32"), "variants": {}}
+    for variant in variants:
+        ops, _, to_noise, conds, x = _operations(variant)
+        naf_layers = [b for b in to_noise.bijectors if hasattr(b, "transformer")]
+        refs = _conditioner_references(conds, x, naf_layers)
+        entry = {"inverse": _inverse_stats(to_noise, x), "modes": {}}
+        for mode, jit in (("tf.function", False), ("jit_compile", True)):
+            seconds = {}
+            cases = {**ops, **refs, **{f"maf_{k}": v for k, v in maf_ops.items()}}
+            for name, (fn, arg) in cases.items():
+                reps = max(1, repeats // 3) if "sample" in name or "sequential" in name else repeats
+                try:
+                    seconds[name] = _time(tf.function(fn, jit_compile=jit), arg, reps)
+                except Exception as err:  # Report an XLA failure rather than hide it.
+                    print(f"  {variant} {mode} {name}: failed ({type(err).__name__})")
+                    seconds[name] = None
+            checks = []
+            for op, ref, bound in TARGETS:
+                if seconds.get(op) is None or seconds.get(ref) is None:
+                    checks.append(dict(op=op, ref=ref, bound=bound, ratio=None, ok=False))
+                    continue
+                ratio = seconds[op] / seconds[ref]
+                checks.append(dict(op=op, ref=ref, bound=bound, ratio=ratio, ok=ratio <= bound))
+            entry["modes"][mode] = dict(seconds=seconds, checks=checks)
+        if memory:
+            entry["memory_mib"] = {
+                f"{op}": _memory(variant, op, True) for op in ("log_prob", "train_step", "sample")
+            }
+            entry["memory_mib"].update({
+                f"maf_{op}": _memory("maf", op, True) for op in ("log_prob", "sample")
+            } if variant == variants[0] else {})
+        report["variants"][variant] = entry
+        print(markdown({"setup": report["setup"], "variants": {variant: entry}}), flush=True)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = []
+    for variant, entry in report["variants"].items():
+        inv = entry["inverse"]
+        lines.append(f"**{variant}** — inverse: {inv['iterations_mean']:.1f} iterations per "
+                     f"solve (max {inv['iterations_max']}), round trip max|x - x'| "
+                     f"{inv['round_trip_x']:.2e} "
+                     f"({'PASS' if inv['round_trip_x'] <= ROUND_TRIP_BOUND else 'MISS'} "
+                     f"<= {ROUND_TRIP_BOUND:g}), max|z - z'| {inv['round_trip_z']:.2e}\n")
+        lines.append("| ratio | target | tf.function | jit_compile |")
+        lines.append("|---|---|---|---|")
+        modes = entry["modes"]
+        for k, (op, ref, bound) in enumerate(TARGETS):
+            cells = []
+            for mode in ("tf.function", "jit_compile"):
+                c = modes[mode]["checks"][k]
+                cells.append("failed" if c["ratio"] is None else
+                             f"{c['ratio']:.2f} {'PASS' if c['ok'] else 'MISS'}")
+            lines.append(f"| {op} / {ref} | <= {bound:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("| operation | tf.function (ms) | jit_compile (ms) |")
+        lines.append("|---|---|---|")
+        for name in modes["tf.function"]["seconds"]:
+            cells = [modes[m]["seconds"].get(name) for m in ("tf.function", "jit_compile")]
+            lines.append(f"| {name} | " + " | ".join(
+                "failed" if s is None else f"{1e3 * s:.1f}" for s in cells) + " |")
+        if "memory_mib" in entry:
+            lines.append("")
+            lines.append("Peak memory growth (max RSS, MiB, jit_compile): " + ", ".join(
+                f"{k} {v:.0f}" if v is not None else f"{k} n/a"
+                for k, v in entry["memory_mib"].items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="fewer repeats: smoke check")
+    parser.add_argument("--variants", default="naf-dsf,naf-dsf-ctx16",
+                        help="NAF models (naf-dsf, naf-ddsf, naf-dsf-ctx16, ...)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    tf.get_logger().setLevel("ERROR")
+    if args.memory_case:
+        model, op, jit = args.memory_case.split(":")
+        print(f"MEMORY_MIB {_memory_case(model, op, bool(int(jit))):.1f}")
+        return {}
+    report = run([v for v in args.variants.split(",") if v], args.fast, args.memory)
+    RESULTS.mkdir(exist_ok=True)
+    stem = "speed_fast" if args.fast else "speed"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
