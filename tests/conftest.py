@@ -33,6 +33,16 @@ def randomize(naf, scale=0.3, seed=0):
     return naf
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global seeds (MADE initialisation, tf.random).
+
+    Results then do not depend on which tests ran before, so a failure reproduces
+    when its test is run alone.
+    """
+    tf_keras.utils.set_random_seed(0)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

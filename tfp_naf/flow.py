@@ -385,7 +385,25 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         return {"conditional_input": c}
 
     def _theta(self, x, ckwargs):
-        return self._conditioner(x, **ckwargs)
+        """`theta = conditioner(x, c)`, `[..., D, P]`, for any batch shape.
+
+        The MADE is a Keras layer: it is called on a flat `[N, D]` batch (Keras
+        squeezes a trailing size-1 axis of rank-3+ inputs, which breaks D = 1),
+        with `x` and `c` broadcast to their common batch shape first.
+        """
+        if x.shape.rank == 2 and "conditional_input" not in ckwargs:
+            return self._conditioner(x, **ckwargs)
+        event = ps.shape(x)[-1:]
+        batch = ps.shape(x)[:-1]
+        c = ckwargs.get("conditional_input")
+        if c is not None:
+            batch = ps.broadcast_shape(batch, ps.shape(c)[:-1])
+            c = tf.broadcast_to(c, ps.concat([batch, ps.shape(c)[-1:]], axis=0))
+            c = tf.reshape(c, ps.concat([[-1], ps.shape(c)[-1:]], axis=0))
+            ckwargs = {"conditional_input": c}
+        x = tf.broadcast_to(x, ps.concat([batch, event], axis=0))
+        theta = self._conditioner(tf.reshape(x, ps.concat([[-1], event], axis=0)), **ckwargs)
+        return tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
 
     # ---- Forward: one parallel pass -------------------------------------
 

@@ -25,6 +25,7 @@ layers inside a Keras 3 model; all raise a `TypeError` saying what to do.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -535,6 +536,63 @@ class NAFDensityModel(tf_keras.Model):
             variable.assign(store[str(i)])
 
     @staticmethod
+    def _is_legacy_h5(filepath, save_format) -> bool:
+        path = os.fspath(filepath)
+        if save_format is not None:
+            return str(save_format).lower() in ("h5", "hdf5")
+        return path.endswith((".h5", ".hdf5")) and not path.endswith(".weights.h5")
+
+    def save_weights(self, filepath, overwrite=True, save_format=None, options=None):
+        """As `tf_keras.Model.save_weights`, with every weight in every format.
+
+        The legacy HDF5 format (`.h5` / `.hdf5`, not `.weights.h5`) stores a
+        model's weights layer by layer and would miss the MADEs inside the TFP
+        flow (they are `tf.Module` children, not Keras layers); this model
+        writes all of its variables itself there, in a fixed order.
+        """
+        if not self._is_legacy_h5(filepath, save_format):
+            return super().save_weights(
+                filepath, overwrite=overwrite, save_format=save_format, options=options
+            )
+        import h5py
+
+        path = os.fspath(filepath)
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(f"{path} exists and overwrite=False.")
+        with h5py.File(path, "w") as f:
+            f.attrs["tfp_naf_config"] = json.dumps(self.get_config(), sort_keys=True)
+            for i, variable in enumerate(self._saved_variables()):
+                f.create_dataset(str(i), data=variable.numpy())
+
+    def load_weights(self, filepath, skip_mismatch=False, by_name=False, options=None):
+        """As `tf_keras.Model.load_weights`; legacy HDF5 files as `save_weights` wrote them.
+
+        Raises:
+          ValueError: when the file was saved from a model with another config.
+        """
+        path = os.fspath(filepath)
+        if not (self._is_legacy_h5(path, None) and os.path.isfile(path)):
+            return super().load_weights(
+                filepath, skip_mismatch=skip_mismatch, by_name=by_name, options=options
+            )
+        import h5py
+
+        variables = self._saved_variables()
+        with h5py.File(path, "r") as f:
+            if "tfp_naf_config" not in f.attrs:
+                raise ValueError(f"{path} was not written by NAFDensityModel.save_weights.")
+            saved = json.loads(f.attrs["tfp_naf_config"])
+            mine = json.loads(json.dumps(self.get_config(), sort_keys=True))
+            saved.pop("name", None), mine.pop("name", None)
+            if saved != mine or len(f.keys()) != len(variables):
+                raise ValueError(
+                    f"{path} holds the weights of a model with config {saved}; this "
+                    f"model's config is {mine}."
+                )
+            for i, variable in enumerate(variables):
+                variable.assign(f[str(i)][()])
+
+    @staticmethod
     def _refuse_targets(data):
         if tf_keras.utils.unpack_x_y_sample_weight(data)[1] is not None:
             raise ValueError(
@@ -551,19 +609,37 @@ class NAFDensityModel(tf_keras.Model):
         return super().test_step(data)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
-        """Mean negative log-likelihood `-mean(y_pred)` (weighted), plus `self.losses`."""
+        """Mean negative log-likelihood `-mean(y_pred)` (weighted), plus `self.losses`.
+
+        Under a `tf.distribute` strategy (`MirroredStrategy`,
+        `MultiWorkerMirroredStrategy`) each replica gets part of the global
+        batch and the optimizer sums the replicas' gradients, so each replica
+        returns its share of the global batch's loss: its weighted NLL sum over
+        the global weight total, plus `self.losses` over the number of
+        replicas. Training then follows the single-device run, also when a
+        replica's part of the last batch is empty.
+        """
         nll = -y_pred
         if sample_weight is None:
             weight = tf.ones_like(nll)
         else:
             weight = tf.cast(tf.reshape(sample_weight, tf.shape(nll)), nll.dtype)
         total = tf.reduce_sum(weight)
-        loss = tf.reduce_sum(nll * weight) / total
-        if self.losses:
-            loss += tf.add_n(self.losses)
-        # Weighted by batch size, so an epoch's "loss" is the mean over examples.
-        self.loss_tracker.update_state(loss, sample_weight=total)
-        return loss
+        nll_sum = tf.reduce_sum(nll * weight)
+        regularization = (
+            tf.cast(tf.add_n(self.losses), nll.dtype) if self.losses else tf.zeros([], nll.dtype)
+        )
+        context = tf.distribute.get_replica_context()  # None in a cross-replica context.
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        global_total = (
+            context.all_reduce(tf.distribute.ReduceOp.SUM, total) if replicas > 1 else total
+        )
+        # Weighted by batch size, so an epoch's "loss" is the mean over examples
+        # (the metric sums its replicas' totals and counts).
+        self.loss_tracker.update_state(
+            tf.math.divide_no_nan(nll_sum, total) + regularization, sample_weight=total
+        )
+        return tf.math.divide_no_nan(nll_sum, global_total) + regularization / replicas
 
 
 # ---- SavedModel export --------------------------------------------------

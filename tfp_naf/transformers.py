@@ -35,9 +35,10 @@ The inverse has no closed form: it is found by safeguarded Newton iterations
 inside a bracket (`tfp_naf.root_finding`), with gradients from the implicit
 function theorem. DDSF adds a small linear tail by default (`tail_slope`), so
 its range is the whole real line; see `DeepDenseSigmoidalFlow`. Without a tail,
-`y` outside the range `(g(-inf), g(+inf))` (within `(-L, L)`) has no preimage: it is clamped to just inside the range, so the inverse returns
-a large finite `x` at the edge of the range, never NaN; with
-`validate_args=True` it raises instead.
+`y` outside the range `(g(-inf), g(+inf))` (within `(-L, L)`) has no preimage:
+it is clamped to just inside the range, so the inverse returns a large finite
+`x` at the edge of the range, never NaN; with `validate_args=True` it raises
+instead.
 """
 
 from __future__ import annotations
@@ -78,45 +79,111 @@ def _layer_shapes(num_units: int, num_layers: int) -> "list[tuple[int, int]]":
     return list(zip(widths[:-1], widths[1:], strict=True))
 
 
-def _sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_slope):
-    """One dense sigmoidal layer and the chained log-derivative of its output.
+def _mix(weights: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+    """`weights @ v` over the last axis: `[..., m, n] x [..., n] -> [..., m]`.
 
-    Args:
-      h: `[..., n_in]` layer input; `log_dh`: `[..., n_in]`, log dh/dx.
-      a_raw, b: `[..., K]` slopes (before softplus) and offsets.
-      w_logits: `[..., n_out, K]` output mixing logits.
-      u_logits: `[..., K, n_in]` input mixing logits, or None when `n_in == 1`.
+    A broadcast multiply and sum: the matrices are tiny (one per batch member
+    and dimension), where batched matmul kernels are slow.
+    """
+    return tf.reduce_sum(weights * v[..., tf.newaxis, :], axis=-1)
 
-    Returns:
-      `(h_out, log_dh_out)`, each `[..., n_out]`.
+
+def _slopes(a_raw, min_slope):
+    """`a = softplus(a_raw + shift) + min_slope`, with `a = 1` at `a_raw = 0`."""
+    dtype = a_raw.dtype
+    shift = tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)
+    return tf.math.softplus(a_raw + shift) + tf.constant(min_slope, dtype)
+
+
+def _squash(log_w, sig, sig_neg, clip):
+    """`log s'` and `log(1 - s')` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
+
+    `s` and `1 - s` are sums of positive terms, `w . sigmoid(z)` and
+    `w . sigmoid(-z)`, so both are accurate in linear space (no cancellation),
+    and `clip / 2` dominates wherever they would underflow.
+    """
+    dtype = sig.dtype
+    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    w = tf.exp(log_w)
+    log_s = tf.math.log(keep * _mix(w, sig) + half_clip)
+    log_1ms = tf.math.log(keep * _mix(w, sig_neg) + half_clip)
+    return log_s, log_1ms
+
+
+def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
+    """The first layer, fed by `x` itself: `[...] -> [..., n_out]`.
+
+    With `e_k = exp(-|z_k|)` and `m = min_k |z_k|`, every sigmoid and the
+    derivative come from one exponential per unit:
+
+        sigmoid(|z|) = 1 / (1 + e),   sigmoid(-|z|) = e / (1 + e),
+        ds/dx = sum_k w_k a_k e_k / (1 + e_k)^2
+              = exp(-m) sum_k w_k a_k exp(m - |z_k|) / (1 + e_k)^2,
+
+    where the last sum is at least `w_k* a_k* / 4` (`k*` the unit nearest its
+    centre), so `log ds/dx` stays finite for any finite `x`.
+    """
+    dtype = x.dtype
+    a = _slopes(a_raw, min_slope)
+    z = a * x[..., tf.newaxis] + b
+    abs_z = tf.abs(z)
+    m = tf.reduce_min(abs_z, axis=-1, keepdims=True)
+    e_rel = tf.exp(m - abs_z)
+    e = e_rel * tf.exp(-m)
+    inv = tf.math.reciprocal(1.0 + e)
+    positive = z >= 0
+    sig = tf.where(positive, inv, e * inv)
+    sig_neg = tf.where(positive, e * inv, inv)
+    log_w = tf.nn.log_softmax(w_logits, axis=-1)
+    log_s, log_1ms = _squash(log_w, sig, sig_neg, clip)
+    slope_sum = _mix(tf.exp(log_w), a * e_rel * tf.square(inv))
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+    log_dh = (
+        tf.constant(np.log1p(-clip), dtype)
+        - log_s
+        - log_1ms
+        - m
+        + tf.math.log(tf.maximum(slope_sum, tiny))
+    )
+    return log_s - log_1ms, log_dh
+
+
+def _dense_sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_slope):
+    """A later layer: `[..., n_in] -> [..., n_out]`, chaining the log-derivative.
+
+    The derivative of the input, `log dh/dx`, can be far below the float
+    range's bottom, so the chain rule runs in log space:
+
+        log dh'_o/dx = log(1 - clip) - log s'_o - log(1 - s'_o)
+            + logsumexp_k( log w_ok + log a_k + log sigmoid(z_k)
+                           + log sigmoid(-z_k) + logsumexp_j(log u_kj + log dh_j/dx) ).
     """
     dtype = h.dtype
-    shift = tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)  # a = 1 at 0.
-    a = tf.math.softplus(a_raw + shift) + tf.constant(min_slope, dtype)
-    if u_logits is None:
+    a = _slopes(a_raw, min_slope)
+    if u_logits is None:  # One input (K = 1): nothing to mix.
         mixed, log_dmixed = h, log_dh
     else:
         log_u = tf.nn.log_softmax(u_logits, axis=-1)
-        mixed = tf.einsum("...kj,...j->...k", tf.exp(log_u), h)
+        mixed = _mix(tf.exp(log_u), h)
         log_dmixed = tf.reduce_logsumexp(log_u + log_dh[..., tf.newaxis, :], axis=-1)
     z = a * mixed + b
-    log_sig, log_sig_neg = tf.math.log_sigmoid(z), tf.math.log_sigmoid(-z)
+    neg_log_sig = tf.math.softplus(-z)  # -log sigmoid(z)
+    log_sig_neg = -neg_log_sig - z  # log sigmoid(-z)
     log_w = tf.nn.log_softmax(w_logits, axis=-1)
-    log_s = tf.reduce_logsumexp(log_w + log_sig[..., tf.newaxis, :], axis=-1)
-    log_1ms = tf.reduce_logsumexp(log_w + log_sig_neg[..., tf.newaxis, :], axis=-1)
-    log_keep = tf.constant(np.log1p(-clip), dtype)
-    log_half_clip = tf.constant(np.log(clip / 2.0), dtype)
-    log_s = _logaddexp(log_keep + log_s, log_half_clip)
-    log_1ms = _logaddexp(log_keep + log_1ms, log_half_clip)
-    h_out = log_s - log_1ms
-    log_dz = tf.math.log(a) + log_sig + log_sig_neg + log_dmixed
+    log_s, log_1ms = _squash(log_w, tf.exp(-neg_log_sig), tf.exp(log_sig_neg), clip)
+    log_dz = (
+        tf.math.log(a)
+        + log_sig_neg
+        - neg_log_sig
+        + log_dmixed
+    )
     log_dh_out = (
-        log_keep
+        tf.constant(np.log1p(-clip), dtype)
         - log_s
         - log_1ms
         + tf.reduce_logsumexp(log_w + log_dz[..., tf.newaxis, :], axis=-1)
     )
-    return h_out, log_dh_out
+    return log_s - log_1ms, log_dh_out
 
 
 class _SigmoidalTransformer(tfb.Bijector):
@@ -291,9 +358,10 @@ class _SigmoidalTransformer(tfb.Bijector):
         params = self._params if params is None else params
         params = tf.convert_to_tensor(params, dtype=self.dtype)
         x = tf.convert_to_tensor(x, dtype=self.dtype)
-        h, log_dh = x[..., tf.newaxis], tf.zeros_like(x)[..., tf.newaxis]
-        for a_raw, b, w, u in self._split_params(params):
-            h, log_dh = _sigmoidal_layer(
+        (a_raw, b, w, _), *later = self._split_params(params)
+        h, log_dh = _first_sigmoidal_layer(x, a_raw, b, w, self._clip, self._min_slope)
+        for a_raw, b, w, u in later:
+            h, log_dh = _dense_sigmoidal_layer(
                 h, log_dh, a_raw, b, w, u, self._clip, self._min_slope
             )
         y, log_deriv = h[..., 0], log_dh[..., 0]
@@ -481,8 +549,7 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
             return super()._bracket(y, params)
         (a_raw, b, w, _), = self._split_params(params)
         dtype = self.dtype
-        shift = tf.constant(np.log(np.expm1(1.0 - self._min_slope)), dtype)
-        a = tf.math.softplus(a_raw + shift) + tf.constant(self._min_slope, dtype)
+        a = _slopes(a_raw, self._min_slope)
         half_clip = tf.constant(self._clip / 2.0, dtype)
         # logit of the unclipped mixture value that maps to y.
         log_sig_pos, log_sig_neg = tf.math.log_sigmoid(y), tf.math.log_sigmoid(-y)
