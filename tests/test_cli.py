@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,53 @@ def test_bad_input(tmp_path, capsys):
         main(["fit", str(good), "--out", str(model), "--hidden", "a,b"])
     assert e.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_interrupted_model_write_leaves_the_old_folder_whole(tmp_path, capsys, monkeypatch):
+    from tfp_naf import model_io
+    from tfp_naf.keras import NAFDensityModel
+
+    data = tmp_path / "data.npy"
+    np.save(data, datasets.make_toy("8gaussians", 200, seed=0))
+    model = tmp_path / "model"
+    fit = ("fit", data, "--epochs", "1", "--quiet", "--validation-split", "0", *TINY)
+    assert run(capsys, *fit, "--out", model)[0] == 0
+
+    def snapshot(folder):
+        return {p.relative_to(folder): p.read_bytes()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(model)
+    assert {"config.json", "weights.index", "metrics.json"} <= {p.name for p in before}
+    real_save_weights = NAFDensityModel.save_weights
+
+    def interrupted(self, filepath, *args, **kwargs):
+        real_save_weights(self, filepath, *args, **kwargs)
+        Path(f"{filepath}.index").write_bytes(b"")  # Cut short mid-write...
+        raise KeyboardInterrupt  # ...by Ctrl-C.
+
+    monkeypatch.setattr(NAFDensityModel, "save_weights", interrupted)
+    code, _, err = run(capsys, *fit, "--out", model, "--force", "--seed", "5")
+    assert code == 130 and "interrupted" in err
+    assert snapshot(model) == before  # The old model, every byte of it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "model"]  # No temp left.
+
+    # A first write that fails leaves nothing at the destination either.
+    def disk_full(self, filepath, *args, **kwargs):
+        Path(f"{filepath}.index").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NAFDensityModel, "save_weights", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main([str(a) for a in (*fit, "--out", tmp_path / "new")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "model"]
+
+    # Where the two folders cannot be swapped atomically, the fallback (old folder
+    # aside, new one in, old one removed) still replaces it whole and leaves no debris.
+    monkeypatch.setattr(NAFDensityModel, "save_weights", real_save_weights)
+    monkeypatch.setattr(model_io, "_swap", lambda a, b: False)
+    assert run(capsys, *fit, "--out", model, "--force", "--seed", "5")[0] == 0
+    after = snapshot(model)
+    assert after.keys() == before.keys() and after != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "model"]
+    assert json.loads((model / "metrics.json").read_text())["settings"]["seed"] == 5

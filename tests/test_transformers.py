@@ -167,6 +167,24 @@ def test_forward_limits_of_dsf_are_the_range():
     assert limit == pytest.approx(np.log1p(-bij.clip / 2) - np.log(bij.clip / 2))
     np.testing.assert_allclose(low, -limit, rtol=1e-9)
     np.testing.assert_allclose(high, limit, rtol=1e-9)
+    # DSF states its limits in closed form; evaluating g far out agrees.
+    far_low, far_high = DeepDenseSigmoidalFlow.__mro__[1].forward_limits(bij)
+    np.testing.assert_allclose(far_low, low, rtol=1e-6)
+    np.testing.assert_allclose(far_high, high, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dsf_bracket_contains_the_root_without_widening(dtype):
+    rng = np.random.default_rng(3)
+    params = (3.0 * rng.normal(size=[2000, 3 * 6])).astype(dtype)
+    bij = DeepSigmoidalFlow(params=params)
+    y = rng.uniform(-14.0, 14.0, size=[2000]).astype(dtype)
+    low, high = bij._bracket(tf.constant(y), tf.constant(params))
+    assert bij._bracket_is_exact()
+    g_low = bij.forward_and_log_derivative(low)[0].numpy()
+    g_high = bij.forward_and_log_derivative(high)[0].numpy()
+    assert np.all(low.numpy() < high.numpy())
+    assert np.all(g_low <= y) and np.all(g_high >= y)
 
 
 def test_bad_params_size_names_expected_size():

@@ -17,7 +17,8 @@ order. Two are offered:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +33,7 @@ OUTPUT_INIT_SCALE = 1e-2
 
 __all__ = [
     "CompactAutoregressiveNetwork",
+    "dimension_head",
     "match_dtype",
     "solve_order",
     "shrink_output_layer",
@@ -217,3 +219,73 @@ def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: float = OUTPUT_I
             layer.bias.assign(
                 tf.random.normal(layer.bias.shape, stddev=scale, dtype=layer.bias.dtype)
             )
+
+
+# Conditioner -> its head (or None). Weak and outside the conditioner, so the
+# Keras sub-model is neither tracked by the conditioner nor saved with it.
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _made_head(made: tfb.AutoregressiveNetwork):
+    """`(x, d, c) -> theta[:, d, :]` of a built MADE, from a slice of its output layer.
+
+    The MADE's output layer (a masked Dense, plus the conditional Dense when
+    conditional) has `D * P` columns, dimension-major. This evaluates the
+    hidden layers (a Keras sub-model sharing the MADE's layers) and only the
+    `P` output columns of dimension `d`.
+    """
+    network = made._network
+    out_layer = network.outputs[0]._keras_history.layer
+    if isinstance(out_layer, tf_keras.layers.Add):
+        denses = [t._keras_history.layer for t in out_layer.input]
+    else:
+        denses = [out_layer]
+    if not all(isinstance(layer, tf_keras.layers.Dense) for layer in denses):
+        return None
+    features = tf_keras.Model(network.inputs, [layer.input for layer in denses])
+    event_size, params = int(made._event_size), int(made._params)
+
+    def head(x, d, conditional_input=None):
+        inputs = x if conditional_input is None else [x, conditional_input]
+        feats = features(inputs)
+        feats = feats if isinstance(feats, (list, tuple)) else [feats]
+        theta = 0.0
+        for f, layer in zip(feats, denses, strict=True):
+            # Strided slices (not gathers): their gradients are dense tensors.
+            kernel = tf.reshape(layer.kernel, [-1, event_size, params])
+            theta += tf.matmul(f, kernel[:, d, :])
+            if layer.use_bias:
+                theta += tf.reshape(layer.bias, [event_size, params])[d]
+        return theta
+
+    return head
+
+
+def dimension_head(conditioner) -> "Callable | None":
+    """A function `(x, d, conditional_input=None) -> theta[:, d, :]`, or None.
+
+    The flow's inverse needs one dimension's parameters per sequential pass;
+    computing all `D` of them would make the output layer `D` times more
+    expensive than needed. For a built `tfb.AutoregressiveNetwork` or
+    `CompactAutoregressiveNetwork` this evaluates the hidden layers and only
+    dimension `d`'s slice of the output layer (equal to `conditioner(x)[:, d]`
+    up to rounding). `x` is `[N, D]`, `d` a scalar int tensor. Other
+    conditioners give None (the flow then evaluates them whole).
+    """
+    if conditioner in _HEADS:
+        return _HEADS[conditioner]
+    head = None
+    try:
+        if isinstance(conditioner, CompactAutoregressiveNetwork):
+            inner = _made_head(conditioner.made)
+            if inner is not None:
+                def head(x, d, conditional_input=None, inner=inner, net=conditioner):
+                    context = inner(x, d, conditional_input)
+                    return tf.matmul(context, net._kernel) + net._bias[d]
+        elif type(conditioner) is tfb.AutoregressiveNetwork:
+            head = _made_head(conditioner)
+    except (AttributeError, TypeError, ValueError):  # Not built, or an unknown layout.
+        head = None
+    if head is not None:
+        _HEADS[conditioner] = head
+    return head

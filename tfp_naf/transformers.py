@@ -409,6 +409,10 @@ class _SigmoidalTransformer(tfb.Bijector):
         """A starting interval `[low, high]`, widened later if it misses the root."""
         return y - 1.0, y + 1.0
 
+    def _bracket_is_exact(self) -> bool:
+        """Whether `_bracket` always contains the root (no widening needed)."""
+        return False
+
     def solve(self, y: tf.Tensor, params: "tf.Tensor | None" = None) -> tf.Tensor:
         """`g^{-1}(y)` by bracketed Newton search, with implicit gradients.
 
@@ -453,7 +457,8 @@ class _SigmoidalTransformer(tfb.Bijector):
             return self.forward_and_log_derivative(x, stopped_params)
 
         low, high = self._bracket(y, stopped_params)
-        low, high = root_finding.expand_bracket(stopped_fn, y, low, high)
+        if not self._bracket_is_exact():
+            low, high = root_finding.expand_bracket(stopped_fn, y, low, high)
         return root_finding.solve_increasing(
             fn, y, low, high, self._tolerance, self._max_iterations
         )
@@ -544,6 +549,18 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
             name,
         )
 
+    def forward_limits(self, params=None):
+        """`(-L, L)` exactly without a tail: the clipped mixture spans `(clip/2, 1 - clip/2)`."""
+        if self._tail_slope > 0.0:
+            return super().forward_limits(params)
+        params = self._params if params is None else params
+        batch = ps.shape(tf.convert_to_tensor(params, dtype=self.dtype))[:-1]
+        limit = tf.fill(batch, tf.constant(self.range_limit, self.dtype))
+        return -limit, limit
+
+    def _bracket_is_exact(self) -> bool:
+        return self._tail_slope == 0.0
+
     def _bracket(self, y, params):
         if self._tail_slope > 0.0:
             return super()._bracket(y, params)
@@ -557,7 +574,12 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
             log_sig_neg + tf.math.log1p(-half_clip * tf.exp(-log_sig_neg))
         )
         candidates = (t[..., tf.newaxis] - b) / a
-        return tf.reduce_min(candidates, axis=-1), tf.reduce_max(candidates, axis=-1)
+        low, high = tf.reduce_min(candidates, axis=-1), tf.reduce_max(candidates, axis=-1)
+        # Exact in real arithmetic; a relative margin covers the rounding.
+        margin = tf.constant(64.0 * np.finfo(dtype.as_numpy_dtype).eps, dtype) * (
+            1.0 + tf.abs(low) + tf.abs(high)
+        )
+        return low - margin, high + margin
 
 
 class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
