@@ -455,28 +455,36 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         self._cache.inverse_attributes(cache_key, **kwargs)["ildj"] = -log_det
         return x
 
+    def _sequential_passes(self, y, solve_pass):
+        """`x` after `D` passes `x <- solve_pass(k, x)` from `x = 0`, in a `tf.while_loop`."""
+        event_size = self._event_size
+        _, x = tf.while_loop(
+            lambda k, x: k < event_size,
+            lambda k, x: (k + 1, solve_pass(k, x)),
+            (tf.constant(0), tf.zeros_like(y)),
+            maximum_iterations=event_size,
+        )
+        return x
+
+    def _place(self, x, d, x_d):
+        """`x` with column `d` replaced by `x_d`."""
+        return tf.where(tf.equal(tf.range(self._event_size), d), x_d[:, tf.newaxis], x)
+
     def _inverse_by_dimension(self, y, ckwargs, order, head):
         """Pass `k` evaluates only dimension `order[k]`'s parameters and solves it.
 
         The MADE's hidden layers run at every pass, its output layer only for
         the `P` outputs of one dimension (see `conditioners.dimension_head`).
         """
-        event_size, solve = self._event_size, self._transformer.solve
         order = tf.constant(order, tf.int32)
         c = ckwargs.get("conditional_input")
 
-        def body(i, x):
-            d = tf.gather(order, i)
-            x_d = solve(tf.gather(y, d, axis=-1), head(x, d, c))
-            return i + 1, tf.where(tf.equal(tf.range(event_size), d), x_d[:, tf.newaxis], x)
+        def solve_pass(k, x):
+            d = tf.gather(order, k)
+            x_d = self._transformer.solve(tf.gather(y, d, axis=-1), head(x, d, c))
+            return self._place(x, d, x_d)
 
-        _, x = tf.while_loop(
-            lambda i, x: i < event_size,
-            body,
-            (tf.constant(0), tf.zeros_like(y)),
-            maximum_iterations=event_size,
-        )
-        return x
+        return self._sequential_passes(y, solve_pass)
 
     def _inverse_by_full_passes(self, y, ckwargs, order):
         """Any conditioner: `D` whole conditioner passes, each solving one dimension.
@@ -485,25 +493,17 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         every pass; after `D` passes the first `k` in the (unknown) order are
         exact, so all are.
         """
-        event_size, solve = self._event_size, self._transformer.solve
-        if order is not None:
-            order = tf.constant(order, tf.int32)
+        solve = self._transformer.solve
+        order = None if order is None else tf.constant(order, tf.int32)
 
-        def body(i, x):
+        def solve_pass(k, x):
             theta = self._theta(x, ckwargs)
             if order is None:
-                return i + 1, solve(y, theta)
-            d = tf.gather(order, i)
-            x_d = solve(tf.gather(y, d, axis=-1), tf.gather(theta, d, axis=-2))
-            return i + 1, tf.where(tf.equal(tf.range(event_size), d), x_d[:, tf.newaxis], x)
+                return solve(y, theta)
+            d = tf.gather(order, k)
+            return self._place(x, d, solve(tf.gather(y, d, axis=-1), tf.gather(theta, d, axis=-2)))
 
-        _, x = tf.while_loop(
-            lambda i, x: i < event_size,
-            body,
-            (tf.constant(0), tf.zeros_like(y)),
-            maximum_iterations=event_size,
-        )
-        return x
+        return self._sequential_passes(y, solve_pass)
 
     def _inverse_log_det_jacobian(self, y, **kwargs):
         return -self.forward_and_log_det(self.inverse(y, **kwargs), **kwargs)[1]
