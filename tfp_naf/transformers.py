@@ -95,7 +95,7 @@ def _slopes(a_raw, min_slope):
     return tf.math.softplus(a_raw + shift) + tf.constant(min_slope, dtype)
 
 
-def _squash(log_w, sig, sig_neg, clip):
+def _squash(w, sig, sig_neg, clip):
     """`log s'` and `log(1 - s')` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
 
     `s` and `1 - s` are sums of positive terms, `w . sigmoid(z)` and
@@ -104,10 +104,24 @@ def _squash(log_w, sig, sig_neg, clip):
     """
     dtype = sig.dtype
     keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
-    w = tf.exp(log_w)
     log_s = tf.math.log(keep * _mix(w, sig) + half_clip)
     log_1ms = tf.math.log(keep * _mix(w, sig_neg) + half_clip)
     return log_s, log_1ms
+
+
+def _log_mix(weights: tf.Tensor, log_v: tf.Tensor) -> tf.Tensor:
+    """`log(weights @ exp(log_v))`, `[..., m, n] x [..., n] -> [..., m]`, for `log_v` of any size.
+
+    Shifted by `M = max_j log_v_j`: `M + log(sum_j weights_ij exp(log_v_j - M))`,
+    where the sum is at least the weight on the largest term. A multiply and a
+    sum, like `_mix`, instead of a log-sum-exp over the `[..., m, n]` matrix
+    (which dominated DDSF's cost). Only a weight below the float range's
+    bottom (softmax logits 87 apart in float32) is floored at its smallest
+    normal number.
+    """
+    m = tf.reduce_max(log_v, axis=-1, keepdims=True)
+    tiny = tf.constant(np.finfo(log_v.dtype.as_numpy_dtype).tiny, log_v.dtype)
+    return m + tf.math.log(tf.maximum(_mix(weights, tf.exp(log_v - m)), tiny))
 
 
 def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
@@ -131,12 +145,13 @@ def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
     e_rel = tf.exp(m - abs_z)
     e = e_rel * tf.exp(-m)
     inv = tf.math.reciprocal(1.0 + e)
+    e_inv = e * inv
     positive = z >= 0
-    sig = tf.where(positive, inv, e * inv)
-    sig_neg = tf.where(positive, e * inv, inv)
-    log_w = tf.nn.log_softmax(w_logits, axis=-1)
-    log_s, log_1ms = _squash(log_w, sig, sig_neg, clip)
-    slope_sum = _mix(tf.exp(log_w), a * e_rel * tf.square(inv))
+    sig = tf.where(positive, inv, e_inv)
+    sig_neg = tf.where(positive, e_inv, inv)
+    w = tf.nn.softmax(w_logits, axis=-1)
+    log_s, log_1ms = _squash(w, sig, sig_neg, clip)
+    slope_sum = _mix(w, a * e_rel * tf.square(inv))
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
     log_dh = (
         tf.constant(np.log1p(-clip), dtype)
@@ -152,37 +167,26 @@ def _dense_sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_sl
     """A later layer: `[..., n_in] -> [..., n_out]`, chaining the log-derivative.
 
     The derivative of the input, `log dh/dx`, can be far below the float
-    range's bottom, so the chain rule runs in log space:
+    range's bottom, so the chain rule runs in log space (see `_log_mix`):
 
         log dh'_o/dx = log(1 - clip) - log s'_o - log(1 - s'_o)
-            + logsumexp_k( log w_ok + log a_k + log sigmoid(z_k)
-                           + log sigmoid(-z_k) + logsumexp_j(log u_kj + log dh_j/dx) ).
+            + log sum_k w_ok exp( log a_k + log sigmoid(z_k) + log sigmoid(-z_k)
+                                  + log sum_j u_kj exp(log dh_j/dx) ).
     """
     dtype = h.dtype
     a = _slopes(a_raw, min_slope)
     if u_logits is None:  # One input (K = 1): nothing to mix.
         mixed, log_dmixed = h, log_dh
     else:
-        log_u = tf.nn.log_softmax(u_logits, axis=-1)
-        mixed = _mix(tf.exp(log_u), h)
-        log_dmixed = tf.reduce_logsumexp(log_u + log_dh[..., tf.newaxis, :], axis=-1)
+        u = tf.nn.softmax(u_logits, axis=-1)
+        mixed, log_dmixed = _mix(u, h), _log_mix(u, log_dh)
     z = a * mixed + b
     neg_log_sig = tf.math.softplus(-z)  # -log sigmoid(z)
     log_sig_neg = -neg_log_sig - z  # log sigmoid(-z)
-    log_w = tf.nn.log_softmax(w_logits, axis=-1)
-    log_s, log_1ms = _squash(log_w, tf.exp(-neg_log_sig), tf.exp(log_sig_neg), clip)
-    log_dz = (
-        tf.math.log(a)
-        + log_sig_neg
-        - neg_log_sig
-        + log_dmixed
-    )
-    log_dh_out = (
-        tf.constant(np.log1p(-clip), dtype)
-        - log_s
-        - log_1ms
-        + tf.reduce_logsumexp(log_w + log_dz[..., tf.newaxis, :], axis=-1)
-    )
+    w = tf.nn.softmax(w_logits, axis=-1)
+    log_s, log_1ms = _squash(w, tf.exp(-neg_log_sig), tf.exp(log_sig_neg), clip)
+    log_dz = tf.math.log(a) + log_sig_neg - neg_log_sig + log_dmixed
+    log_dh_out = tf.constant(np.log1p(-clip), dtype) - log_s - log_1ms + _log_mix(w, log_dz)
     return log_s - log_1ms, log_dh_out
 
 
