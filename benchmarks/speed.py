@@ -10,7 +10,7 @@ References: (a) the flow's own 5 conditioners: their forwards (floor of
 log_prob), forward+backward (floor of a training step), and D sequential
 rounds of the 5 forwards (floor of sampling); (b) TFP's affine MAF with the
 same MADE sizes. Also reported: Newton iterations of the inverse per
-dimension, round-trip error, peak memory (max-RSS growth of a subprocess per
+dimension, round-trip error, batch-dependent peak memory (max-RSS growth of a fresh process per
 case, as `tf.config.experimental.get_memory_info` does not support CPU).
 
     python -m benchmarks.speed [--fast] [--variants naf-dsf,naf-dsf-ctx16] [--no-memory]
@@ -46,12 +46,12 @@ TARGETS = [  # (operation, reference, bound)
 ROUND_TRIP_BOUND = 1e-4
 
 
-def _operations(model: str, seed: int = 0):
+def _operations(model: str, seed: int = 0, batch: int = BATCH):
     """Name -> (python function of one tensor, its input) for one model."""
     tf.keras.utils.set_random_seed(seed)
     dist, to_noise, conds = build_flow(model, D, HIDDEN, num_flows=FLOWS)
     perturb(conds, scale=0.1, seed=seed)
-    x = tf.random.normal([BATCH, D], seed=seed)
+    x = tf.random.normal([batch, D], seed=seed)
     z = tf.constant(to_noise.forward(x).numpy())  # Realistic noise for this flow.
     to_data = tfp_invert(to_noise)
     step, _ = make_train_step(dist, learning_rate=1e-6)
@@ -139,21 +139,41 @@ def _inverse_stats(to_noise, x) -> dict:
     )
 
 
-def _memory_case(model: str, op: str, jit: bool) -> float:
-    """Max-RSS growth (MiB) of running one compiled case, in this process."""
-    ops, *_ = _operations(model)
+def _memory_case(model: str, op: str, jit: bool, batch: int) -> float:
+    """Max-RSS growth (MiB) of this process over the first compiled call of one case.
+
+    The first call traces, compiles and runs; the caller subtracts the same
+    case at a tiny batch, leaving the memory that grows with the batch.
+    """
+    ops, *_ = _operations(model, batch=batch)
     fn, arg = ops[op]
     compiled = tf.function(fn, jit_compile=jit)
-    compiled(arg)  # Compile first: its memory is not the operation's.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
-        compiled(arg)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+    before = _peak_rss_kib()
+    for _ in range(2):
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, compiled(arg))
+    return (_peak_rss_kib() - before) / 1024.0
 
 
-def _memory(model: str, op: str, jit: bool) -> "float | None":
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (KiB): VmHWM from /proc, else ru_maxrss.
+
+    `ru_maxrss` is not enough in a child process: Linux carries the parent's
+    high-water mark across fork and exec, so a child of a large parent would
+    show no growth. VmHWM belongs to the process's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _memory_at(model: str, op: str, jit: bool, batch: int) -> "float | None":
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--memory-case", f"{model}:{op}:{int(jit)}"],
+        [sys.executable, "-m", "benchmarks.speed", "--memory-case",
+         f"{model}:{op}:{int(jit)}:{batch}"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
     )
     for line in out.stdout.splitlines():
@@ -161,6 +181,16 @@ def _memory(model: str, op: str, jit: bool) -> "float | None":
             return float(line.split()[1])
     print(f"  memory case {model}:{op} failed: {out.stderr[-300:]}")
     return None
+
+
+def _memory(model: str, op: str, jit: bool) -> "float | None":
+    """Peak memory that grows with the batch: first-call max-RSS growth at 512 minus at 8.
+
+    Each measurement runs in a fresh process (max RSS never goes down);
+    `tf.config.experimental.get_memory_info` does not support the CPU.
+    """
+    big, small = _memory_at(model, op, jit, BATCH), _memory_at(model, op, jit, 8)
+    return None if big is None or small is None else big - small
 
 
 def run(variants, fast: bool, memory: bool) -> dict:
@@ -196,7 +226,7 @@ def run(variants, fast: bool, memory: bool) -> dict:
                 f"{op}": _memory(variant, op, True) for op in ("log_prob", "train_step", "sample")
             }
             entry["memory_mib"].update({
-                f"maf_{op}": _memory("maf", op, True) for op in ("log_prob", "sample")
+                f"maf_{op}": _memory("maf", op, True) for op in ("log_prob", "train_step", "sample")
             } if variant == variants[0] else {})
         report["variants"][variant] = entry
         print(markdown({"setup": report["setup"], "variants": {variant: entry}}), flush=True)
@@ -231,7 +261,8 @@ def markdown(report: dict) -> str:
                 "failed" if s is None else f"{1e3 * s:.1f}" for s in cells) + " |")
         if "memory_mib" in entry:
             lines.append("")
-            lines.append("Peak memory growth (max RSS, MiB, jit_compile): " + ", ".join(
+            lines.append("Batch-dependent peak memory (max-RSS growth of the first call at batch "
+                         f"{BATCH} minus at batch 8, MiB, jit_compile): " + ", ".join(
                 f"{k} {v:.0f}" if v is not None else f"{k} n/a"
                 for k, v in entry["memory_mib"].items()))
         lines.append("")
@@ -248,8 +279,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
     if args.memory_case:
-        model, op, jit = args.memory_case.split(":")
-        print(f"MEMORY_MIB {_memory_case(model, op, bool(int(jit))):.1f}")
+        model, op, jit, batch = args.memory_case.split(":")
+        print(f"MEMORY_MIB {_memory_case(model, op, bool(int(jit)), int(batch)):.1f}")
         return {}
     report = run([v for v in args.variants.split(",") if v], args.fast, args.memory)
     RESULTS.mkdir(exist_ok=True)
