@@ -572,6 +572,8 @@ class NAFDensityModel(tf_keras.Model):
         """
         path = os.fspath(filepath)
         if not (self._is_legacy_h5(path, None) and os.path.isfile(path)):
+            if not path.endswith((".h5", ".hdf5", ".keras")):
+                self._check_tf_checkpoint(path)
             return super().load_weights(
                 filepath, skip_mismatch=skip_mismatch, by_name=by_name, options=options
             )
@@ -591,6 +593,30 @@ class NAFDensityModel(tf_keras.Model):
                 )
             for i, variable in enumerate(variables):
                 variable.assign(f[str(i)][()])
+
+    def _check_tf_checkpoint(self, path: str) -> None:
+        """Refuses a TF-format checkpoint whose flow holds another number of variables.
+
+        TensorFlow restores what matches and ignores the rest, so a checkpoint
+        of a model with *more* flows would load silently. Checked before
+        anything is restored; an unreadable path is left to Keras' own error.
+        """
+        try:
+            listed = tf.train.list_variables(path)
+        except (tf.errors.OpError, ValueError):
+            return
+        saved = sorted(
+            tuple(shape) for name, shape in listed
+            if name.startswith("flow/") and name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+        )
+        mine = sorted(tuple(v.shape.as_list()) for v in self.flow.variables)
+        if saved != mine:
+            raise ValueError(
+                f"{path}: the weights hold {len(saved)} flow variables, {self.name!r} has "
+                f"{len(mine)}{'' if len(saved) != len(mine) else ' of other shapes'}: they "
+                "were saved from a model with another config (num_flows, hidden_units, "
+                "num_units, ...); nothing was loaded."
+            )
 
     @staticmethod
     def _refuse_targets(data):
