@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from benchmarks.models import MODELS, build_flow
 from benchmarks.train import compile_step, make_train_step, nll_stats
-from tfp_naf import datasets
+from tfp_naf import conditioners, datasets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOYS = ("8gaussians", "checkerboard", "2spirals", "pinwheel")
@@ -158,8 +158,15 @@ def main(argv=None) -> "list[dict]":
                         help=f"also run the compact-conditioner variants {CONTEXT_MODELS}")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock cap on each training run (the result records it)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (initialisation and batches; the data are fixed)")
+    parser.add_argument("--output-init-scale", type=float, default=None,
+                        help="diagnostic: scale of the NAF MADEs' initial output layer "
+                             f"(library default {conditioners.OUTPUT_INIT_SCALE:g})")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
+    if args.output_init_scale is not None:
+        conditioners.OUTPUT_INIT_SCALE = args.output_init_scale
     names = [n for n in args.datasets.split(",") if n]
     unknown = sorted(set(names) - set(DATASETS))
     if unknown:
@@ -176,7 +183,8 @@ def main(argv=None) -> "list[dict]":
         if args.context:
             run_models += [m for m in CONTEXT_MODELS.get(name, ()) if m not in run_models]
         for model in run_models:
-            results.append(run_one(model, name, data, args.fast, max_minutes=args.max_minutes))
+            results.append(run_one(model, name, data, args.fast, seed=args.seed,
+                                   max_minutes=args.max_minutes))
             (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
             (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

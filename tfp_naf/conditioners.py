@@ -190,8 +190,10 @@ def match_dtype(made) -> None:
             layer._set_dtype_policy(made.dtype)
 
 
-def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: float = OUTPUT_INIT_SCALE) -> None:
+def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: "float | None" = None) -> None:
     """Scales the output kernel of a built MADE by `scale`; bias `N(0, scale^2)`.
+
+    `scale` defaults to `OUTPUT_INIT_SCALE`, read at call time.
 
     Used on the MADEs the flow builds itself, so that the flow starts near the
     identity. Nothing is zeroed: with an all-zero output every unit of a
@@ -202,6 +204,7 @@ def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: float = OUTPUT_I
     Dense layer after the last activation (the autoregressive one and, for a
     conditional MADE, the conditional one).
     """
+    scale = OUTPUT_INIT_SCALE if scale is None else scale
     network = getattr(made, "_network", None)
     if network is None:
         raise ValueError("The MADE must be built before its output layer is scaled.")
