@@ -17,6 +17,11 @@ Protocol (identical for every model):
     python -m benchmarks.quality [--fast] [--datasets a,b] [--models m,n]
 
 Writes benchmarks/results/quality.json and quality.md (or quality_fast.*).
+
+`--evaluate-on validation` is for choosing defaults without looking at any
+test set: the 2-D toys are scored on a fresh 5,000-point draw (seed 2, neither
+train nor test) and MiniBooNE on its held-out 10% of val.npy at the best
+check; results go to select*.json / select*.md instead.
 """
 
 from __future__ import annotations
@@ -45,18 +50,25 @@ CONTEXT_MODELS = {"checkerboard": ("naf-dsf-ctx16", "naf-ddsf-ctx16"),
                   "miniboone": ("naf-dsf-ctx16",)}
 
 
-def load(name: str, fast: bool):
-    """`(train, valid or None, test)` float32 arrays, or None if unavailable."""
+def load(name: str, fast: bool, evaluate_on: str = "test"):
+    """`(train, valid or None, scored)` float32 arrays, or None if unavailable.
+
+    `scored` is the test set, or with `evaluate_on="validation"` a set that is
+    not the test set: a fresh toy draw, or MiniBooNE's validation part.
+    """
     if name in TOYS:
         n_train, n_test = (2000, 500) if fast else (20000, 5000)
+        scored_seed = 1 if evaluate_on == "test" else 2
         return (datasets.make_toy(name, n_train, seed=0), None,
-                datasets.make_toy(name, n_test, seed=1))
+                datasets.make_toy(name, n_test, seed=scored_seed))
     try:
         val, test = datasets.load_miniboone()
     except FileNotFoundError as err:
         print(f"[miniboone] skipped: {err}")
         return None
     n_valid = int(round(0.1 * len(val)))
+    if evaluate_on != "test":
+        test = val[-n_valid:]
     return val[:-n_valid], val[-n_valid:], test
 
 
@@ -160,6 +172,9 @@ def main(argv=None) -> "list[dict]":
                         help="wall-clock cap on each training run (the result records it)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed (initialisation and batches; the data are fixed)")
+    parser.add_argument("--evaluate-on", choices=("test", "validation"), default="test",
+                        help="score on the test sets, or (to choose defaults) on sets "
+                             "that are not the test sets")
     parser.add_argument("--output-init-scale", type=float, default=None,
                         help="diagnostic: scale of the NAF MADEs' initial output layer "
                              f"(library default {conditioners.OUTPUT_INIT_SCALE:g})")
@@ -173,10 +188,11 @@ def main(argv=None) -> "list[dict]":
         parser.error(f"unknown datasets {unknown}; expected some of {DATASETS}")
     models = [m for m in args.models.split(",") if m]
     RESULTS.mkdir(exist_ok=True)
-    stem = "quality" + ("_fast" if args.fast else "") + (f"_{args.tag}" if args.tag else "")
+    stem = "quality" if args.evaluate_on == "test" else "select"
+    stem += ("_fast" if args.fast else "") + (f"_{args.tag}" if args.tag else "")
     results = []
     for name in names:
-        data = load(name, args.fast)
+        data = load(name, args.fast, args.evaluate_on)
         if data is None:
             continue
         run_models = list(models)
@@ -185,6 +201,7 @@ def main(argv=None) -> "list[dict]":
         for model in run_models:
             results.append(run_one(model, name, data, args.fast, seed=args.seed,
                                    max_minutes=args.max_minutes))
+            results[-1]["scored_on"] = args.evaluate_on  # "test_nll" is on this set.
             (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
             (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

@@ -183,7 +183,15 @@ def test_round_trips(variant, dtype, tol):
     z = naf.forward(x, **kwargs)
     x_back = naf.inverse(tf.identity(z), **kwargs).numpy()
     assert x_back.dtype == x.dtype
-    assert np.abs(x_back - x).max() <= tol
+    # x is determined to z's float resolution divided by g' (far from 1e-4 in
+    # float32 where a transformer is nearly flat), so check that z comes back
+    # and x as far as that conditioning allows.
+    eps = np.finfo(x.dtype).eps
+    z_resolution = 4.0 * eps * (1.0 + np.abs(z.numpy()))
+    z_back = naf.forward(tf.identity(x_back), **kwargs).numpy()
+    assert np.all(np.abs(z_back - z.numpy()) <= z_resolution)
+    log_deriv = naf.transformer.forward_and_log_derivative(x, naf.conditioner(x, **kwargs))[1]
+    assert np.all(np.abs(x_back - x) <= tol + z_resolution / np.exp(log_deriv.numpy()))
     noise = np.random.default_rng(3).normal(size=x.shape).astype(x.dtype)
     x_from_noise = naf.inverse(noise, **kwargs)
     assert np.all(np.isfinite(x_from_noise.numpy()))
