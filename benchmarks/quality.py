@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from benchmarks.models import MODELS, build_flow
 from benchmarks.train import compile_step, make_train_step, nll_stats
-from tfp_naf import conditioners, datasets
+from tfp_naf import conditioners, datasets, transformers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOYS = ("8gaussians", "checkerboard", "2spirals", "pinwheel")
@@ -143,6 +143,16 @@ def run_one(model: str, name: str, data, fast: bool, seed: int = 0,
     return result
 
 
+def _scale_pseudo_parameters(scale: float) -> None:
+    """Diagnostic: every DSF/DDSF transformer reads `scale * params` from now on."""
+    split = transformers._SigmoidalTransformer._split_params
+
+    def scaled_split(self, params):
+        return split(self, params * tf.constant(scale, params.dtype))
+
+    transformers._SigmoidalTransformer._split_params = scaled_split
+
+
 def markdown(results: "list[dict]") -> str:
     models = list(dict.fromkeys(r["model"] for r in results))
     names = [n for n in DATASETS if any(r["dataset"] == n for r in results)]
@@ -178,10 +188,15 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--output-init-scale", type=float, default=None,
                         help="diagnostic: scale of the NAF MADEs' initial output layer "
                              f"(library default {conditioners.OUTPUT_INIT_SCALE:g})")
+    parser.add_argument("--param-scale", type=float, default=None,
+                        help="diagnostic: multiply the NAF's pseudo-parameters by this before "
+                             "the transformer (under Adam, a learning-rate multiplier on them)")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
     if args.output_init_scale is not None:
         conditioners.OUTPUT_INIT_SCALE = args.output_init_scale
+    if args.param_scale is not None:
+        _scale_pseudo_parameters(args.param_scale)
     names = [n for n in args.datasets.split(",") if n]
     unknown = sorted(set(names) - set(DATASETS))
     if unknown:
