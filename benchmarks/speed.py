@@ -4,7 +4,9 @@ Setup (one run, so every ratio compares timings taken side by side): D=43,
 5 layers with reversals, MADE hidden [128, 128], 16 transformer units, batch
 512, float32, weights perturbed from the identity start (masks kept). Each
 operation runs in `tf.function` and with `jit_compile=True`; timings are
-medians over repeats after warm-up (compilation excluded).
+medians of 9 rounds in which every operation and reference runs once in
+turn (round-robin, so load drift on a shared machine hits all alike), after
+warm-up (compilation excluded).
 
 References: (a) the flow's own 5 conditioners: their forwards (floor of
 log_prob), forward+backward (floor of a training step), and D sequential
@@ -99,15 +101,37 @@ def _conditioner_references(conds, x, naf_layers=None):
     return refs
 
 
-def _time(fn, arg, repeats: int) -> float:
-    for _ in range(2):  # Warm-up: tracing and compilation excluded.
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(arg))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(arg))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _block(result) -> None:
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+
+
+def _time_round_robin(cases: dict, jit: bool, rounds: int) -> dict:
+    """Median seconds per case, timing the cases in turn, round after round.
+
+    On a shared machine the load drifts; interleaving makes every case see the
+    same drift, so their ratios are steadier than timings taken one case after
+    another. Two warm-up calls each (tracing, compilation) are not timed.
+    """
+    compiled, seconds = {}, {}
+    for name, (fn, arg) in cases.items():
+        fn = tf.function(fn, jit_compile=jit)
+        try:
+            for _ in range(2):
+                _block(fn(arg))
+        except Exception as err:  # Report an XLA failure rather than hide it.
+            print(f"  {'jit_compile' if jit else 'tf.function'} {name}: failed "
+                  f"({type(err).__name__})")
+            seconds[name] = None
+            continue
+        compiled[name] = (fn, arg)
+    times = {name: [] for name in compiled}
+    for _ in range(rounds):
+        for name, (fn, arg) in compiled.items():
+            t0 = time.perf_counter()
+            _block(fn(arg))
+            times[name].append(time.perf_counter() - t0)
+    seconds.update({name: float(np.median(t)) for name, t in times.items()})
+    return seconds
 
 
 def _inverse_stats(to_noise, x) -> dict:
@@ -194,7 +218,7 @@ def _memory(model: str, op: str, jit: bool) -> "float | None":
 
 
 def run(variants, fast: bool, memory: bool) -> dict:
-    repeats = 2 if fast else 7
+    repeats = 2 if fast else 9
     maf_ops, *_ = _operations("maf")
     report = {"setup": dict(D=D, batch=BATCH, hidden=HIDDEN, flows=FLOWS, units=16,
                             repeats=repeats, dtype="float32"), "variants": {}}
@@ -204,15 +228,8 @@ def run(variants, fast: bool, memory: bool) -> dict:
         refs = _conditioner_references(conds, x, naf_layers)
         entry = {"inverse": _inverse_stats(to_noise, x), "modes": {}}
         for mode, jit in (("tf.function", False), ("jit_compile", True)):
-            seconds = {}
             cases = {**ops, **refs, **{f"maf_{k}": v for k, v in maf_ops.items()}}
-            for name, (fn, arg) in cases.items():
-                reps = max(1, repeats // 3) if "sample" in name or "sequential" in name else repeats
-                try:
-                    seconds[name] = _time(tf.function(fn, jit_compile=jit), arg, reps)
-                except Exception as err:  # Report an XLA failure rather than hide it.
-                    print(f"  {variant} {mode} {name}: failed ({type(err).__name__})")
-                    seconds[name] = None
+            seconds = _time_round_robin(cases, jit, repeats)
             checks = []
             for op, ref, bound in TARGETS:
                 if seconds.get(op) is None or seconds.get(ref) is None:
