@@ -21,6 +21,7 @@ case, as `tf.config.experimental.get_memory_info` does not support CPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -102,35 +103,44 @@ def _conditioner_references(conds, x, naf_layers=None):
 
 
 def _block(result) -> None:
+    """Waits for `result` (a structure of tensors) by reading it back."""
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
 
 
-def _time_round_robin(cases: dict, jit: bool, rounds: int) -> dict:
-    """Median seconds per case, timing the cases in turn, round after round.
+def round_robin_seconds(calls: dict, rounds: int) -> dict:
+    """Median seconds of each zero-argument call, the calls timed in turn, round after round.
 
-    On a shared machine the load drifts; interleaving makes every case see the
-    same drift, so their ratios are steadier than timings taken one case after
-    another. Two warm-up calls each (tracing, compilation) are not timed.
+    On a shared machine the load drifts; interleaving makes every call see the
+    same drift, so their ratios are steadier than timings taken one call after
+    another. Warm the calls up first (tracing, compilation are not timed here).
     """
-    compiled, seconds = {}, {}
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            _block(call())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _time_round_robin(cases: dict, jit: bool, rounds: int) -> dict:
+    """`round_robin_seconds` of the cases compiled, after two warm-up calls each.
+
+    A case XLA rejects is reported and timed as None.
+    """
+    calls, seconds = {}, {}
     for name, (fn, arg) in cases.items():
-        fn = tf.function(fn, jit_compile=jit)
+        call = functools.partial(tf.function(fn, jit_compile=jit), arg)
         try:
             for _ in range(2):
-                _block(fn(arg))
+                _block(call())
         except Exception as err:  # Report an XLA failure rather than hide it.
             print(f"  {'jit_compile' if jit else 'tf.function'} {name}: failed "
                   f"({type(err).__name__})")
             seconds[name] = None
             continue
-        compiled[name] = (fn, arg)
-    times = {name: [] for name in compiled}
-    for _ in range(rounds):
-        for name, (fn, arg) in compiled.items():
-            t0 = time.perf_counter()
-            _block(fn(arg))
-            times[name].append(time.perf_counter() - t0)
-    seconds.update({name: float(np.median(t)) for name, t in times.items()})
+        calls[name] = call
+    seconds.update(round_robin_seconds(calls, rounds))
     return seconds
 
 
@@ -174,7 +184,7 @@ def _memory_case(model: str, op: str, jit: bool, batch: int) -> float:
     compiled = tf.function(fn, jit_compile=jit)
     before = _peak_rss_kib()
     for _ in range(2):
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, compiled(arg))
+        _block(compiled(arg))
     return (_peak_rss_kib() - before) / 1024.0
 
 

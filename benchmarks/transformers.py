@@ -15,11 +15,11 @@ reported: a noisy shared machine then slows every variant alike.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.speed import round_robin_seconds
 from tfp_naf import DeepDenseSigmoidalFlow, DeepSigmoidalFlow, transformers
 
 B, D, K = 256, 43, 16
@@ -66,14 +66,8 @@ def _functions(transformer, x, theta):
 def _round_robin_ms(fns: dict) -> dict:
     for fn in fns.values():
         for _ in range(2):
-            tf.nest.map_structure(lambda t: t.numpy(), fn())
-    times = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            tf.nest.map_structure(lambda t: t.numpy(), fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+            fn()
+    return {name: 1e3 * t for name, t in round_robin_seconds(fns, ROUNDS).items()}
 
 
 def main() -> None:

@@ -200,4 +200,3 @@ def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[st
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelDirError(f"{path}: the weights do not fit the config ({first}).") from None
     return model, config
-

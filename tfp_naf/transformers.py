@@ -93,15 +93,19 @@ def _mix(weights: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(weights * v[..., tf.newaxis, :], axis=-1)
 
 
+def _slope_shift(min_slope, dtype) -> tf.Tensor:
+    """The shift in `_slopes` that makes `a = 1` at `a_raw = 0`."""
+    return tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)
+
+
 def _slopes(a_raw, min_slope):
     """`a = softplus(a_raw + shift) + min_slope`, with `a = 1` at `a_raw = 0`."""
     dtype = a_raw.dtype
-    shift = tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)
-    return tf.math.softplus(a_raw + shift) + tf.constant(min_slope, dtype)
+    return tf.math.softplus(a_raw + _slope_shift(min_slope, dtype)) + tf.constant(min_slope, dtype)
 
 
 def _squash(w, sig, sig_neg, clip):
-    """`log s'` and `log(1 - s')` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
+    """`s'` and `1 - s'` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
 
     `s` and `1 - s` are sums of positive terms, `w . sigmoid(z)` and
     `w . sigmoid(-z)`, so both are accurate in linear space (no cancellation),
@@ -109,9 +113,7 @@ def _squash(w, sig, sig_neg, clip):
     """
     dtype = sig.dtype
     keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
-    log_s = tf.math.log(keep * _mix(w, sig) + half_clip)
-    log_1ms = tf.math.log(keep * _mix(w, sig_neg) + half_clip)
-    return log_s, log_1ms
+    return keep * _mix(w, sig) + half_clip, keep * _mix(w, sig_neg) + half_clip
 
 
 def _log_mix(weights: tf.Tensor, log_v: tf.Tensor) -> tf.Tensor:
@@ -164,9 +166,7 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
     sig = tf.where(positive, inv, e_inv)
     sig_neg = tf.where(positive, e_inv, inv)
     w = tf.nn.softmax(w_logits, axis=-1)
-    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
-    s = keep * _mix(w, sig) + half_clip  # s', the clipped mixture
-    s_neg = keep * _mix(w, sig_neg) + half_clip  # 1 - s'
+    s, s_neg = _squash(w, sig, sig_neg, clip)  # s' and 1 - s'
     log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     q = e_rel * tf.square(inv)  # sigmoid'(z_k) * exp(m)
     t = a * q
@@ -180,11 +180,11 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
         + tf.math.log(tf.maximum(slope_sum, tiny))
     )
     parts = dict(a=a, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, w=w, s=s,
-                 s_neg=s_neg, q=q, t=t, slope_sum=slope_sum, keep=keep, tiny=tiny)
+                 s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
     return log_s - log_1ms, log_dh, parts
 
 
-def _first_layer_gradients(x, a_raw, min_slope, parts, grad_h, grad_log_dh):
+def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh):
     """Closed-form vector-Jacobian product of `_first_layer_parts`' outputs.
 
     With `S_o = sum_k w_ok sigmoid(z_k)`, `s'_o = (1 - clip) S_o + clip / 2`,
@@ -204,7 +204,10 @@ def _first_layer_gradients(x, a_raw, min_slope, parts, grad_h, grad_log_dh):
     `exp(m)`-scaled terms `q` and `t`, so nothing overflows where `D` underflows.
     """
     p = parts
-    w, keep = p["w"], p["keep"]
+    w = p["w"]
+    dtype = x.dtype
+    keep = tf.constant(1.0 - clip, dtype)
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
     if grad_h is None:
         grad_h = tf.zeros_like(p["s"])
     if grad_log_dh is None:
@@ -216,17 +219,13 @@ def _first_layer_gradients(x, a_raw, min_slope, parts, grad_h, grad_log_dh):
     grad_s = grad_pos + grad_neg
     # Where the slope sum was floored at `tiny`, log dh/dx does not depend on it.
     slope_sum = p["slope_sum"]
-    grad_log_slope = tf.where(
-        slope_sum >= p["tiny"], grad_log_dh / tf.maximum(slope_sum, p["tiny"]), 0.0
-    )
+    grad_log_slope = tf.where(slope_sum >= tiny, grad_log_dh / tf.maximum(slope_sum, tiny), 0.0)
     u = tf.reduce_sum(w * grad_s[..., tf.newaxis], axis=-2)  # [..., K]
     v = tf.reduce_sum(w * grad_log_slope[..., tf.newaxis], axis=-2)
     sig_prime = p["e_inv"] * p["inv"]
     grad_z = u * sig_prime + v * p["t"] * (p["sig_neg"] - p["sig"])
     grad_a = v * p["q"] + grad_z * x[..., tf.newaxis]
-    dtype = x.dtype
-    shift = tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)
-    grad_a_raw = grad_a * tf.sigmoid(a_raw + shift)
+    grad_a_raw = grad_a * tf.sigmoid(a_raw + _slope_shift(min_slope, dtype))  # softplus'
     grad_x = tf.reduce_sum(grad_z * p["a"], axis=-1)
     grad_w = (grad_pos[..., tf.newaxis] * p["sig"][..., tf.newaxis, :]
               - grad_neg[..., tf.newaxis] * p["sig_neg"][..., tf.newaxis, :]
@@ -248,7 +247,7 @@ def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
         h, log_dh, parts = _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope)
 
         def grad(grad_h, grad_log_dh):
-            grads = _first_layer_gradients(x, a_raw, min_slope, parts, grad_h, grad_log_dh)
+            grads = _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh)
             return [_sum_to_shape(g, t) for g, t in zip(grads, (x, a_raw, b, w_logits),
                                                         strict=True)]
 
@@ -278,7 +277,8 @@ def _dense_sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_sl
     neg_log_sig = tf.math.softplus(-z)  # -log sigmoid(z)
     log_sig_neg = -neg_log_sig - z  # log sigmoid(-z)
     w = tf.nn.softmax(w_logits, axis=-1)
-    log_s, log_1ms = _squash(w, tf.exp(-neg_log_sig), tf.exp(log_sig_neg), clip)
+    s, s_neg = _squash(w, tf.exp(-neg_log_sig), tf.exp(log_sig_neg), clip)
+    log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     log_dz = tf.math.log(a) + log_sig_neg - neg_log_sig + log_dmixed
     log_dh_out = tf.constant(np.log1p(-clip), dtype) - log_s - log_1ms + _log_mix(w, log_dz)
     return log_s - log_1ms, log_dh_out
