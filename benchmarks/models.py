@@ -30,7 +30,7 @@ from tfp_naf.conditioners import shrink_output_layer
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ["MODELS", "build_flow", "conditioners_of", "perturb"]
+__all__ = ["MODELS", "NAF_KWARGS", "build_flow", "conditional_kwargs", "conditioners_of", "perturb"]
 
 MODELS = ("naf-dsf", "naf-ddsf", "maf", "rqs")
 SPLINE_BINS = 8
@@ -66,7 +66,12 @@ class _SplineFn(tf.Module):
         )
 
 
-def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype):
+# Extra keyword arguments for every NAF built here (diagnostics set them).
+NAF_KWARGS: dict = {}
+
+
+def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
+           conditional_size: "int | None" = None, name: str = "naf"):
     """One autoregressive layer and its conditioner."""
     match = re.fullmatch(r"naf-(dsf|ddsf)(?:-ctx(\d+))?", model)
     if match:
@@ -76,9 +81,14 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype):
             transformer=match.group(1),
             num_units=num_units,
             context_units=int(match.group(2)) if match.group(2) else None,
+            conditional_event_shape=None if conditional_size is None else [conditional_size],
             dtype=dtype,
+            name=name,
+            **NAF_KWARGS,
         )
         return naf, naf.conditioner
+    if conditional_size is not None:
+        raise ValueError(f"Model {model!r} has no conditional variant here.")
     if model == "maf":
         made = tfb.AutoregressiveNetwork(
             params=2, event_shape=[event_size], hidden_units=list(hidden_units),
@@ -102,17 +112,21 @@ def build_flow(
     num_flows: int = 5,
     num_units: int = 16,
     dtype=tf.float32,
+    conditional_size: "int | None" = None,
 ):
     """`(distribution, to_noise, conditioners)` for the named model.
 
     `distribution` is a `tfd.TransformedDistribution` over `[event_size]`;
     `to_noise` is the bijector mapping data to noise (log_prob is one pass of
-    it); `conditioners` are the layers' MADEs, in data-to-noise order.
+    it); `conditioners` are the layers' MADEs, in data-to-noise order. With
+    `conditional_size` (NAF models only) the NAFs are named `naf_0`, `naf_1`,
+    ... and take `bijector_kwargs=conditional_kwargs(num_flows, c)`.
     """
     layers, conds = [], []
     reverse = tfb.Permute(list(reversed(range(event_size))))
     for i in range(num_flows):
-        layer, cond = _layer(model, event_size, hidden_units, num_units, dtype)
+        layer, cond = _layer(model, event_size, hidden_units, num_units, dtype,
+                             conditional_size, name=f"naf_{i}")
         if i:
             layers.append(reverse)
         layers.append(layer)
@@ -127,8 +141,14 @@ def build_flow(
         to_noise = tfb.Invert(to_data)
         dist = tfd.TransformedDistribution(base, to_data)
     # MAF/RQS MADEs are built lazily: one call builds them.
-    dist.log_prob(tf.zeros([1, event_size], dtype))
+    if conditional_size is None:
+        dist.log_prob(tf.zeros([1, event_size], dtype))
     return dist, to_noise, conds
+
+
+def conditional_kwargs(num_flows: int, c) -> dict:
+    """`bijector_kwargs` passing the condition `c` to every NAF of a conditional `build_flow`."""
+    return {f"naf_{i}": {"conditional_input": c} for i in range(num_flows)}
 
 
 def conditioners_of(conds):

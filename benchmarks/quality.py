@@ -1,27 +1,36 @@
 """Density quality: test NLL (nats) of NAF-DSF, NAF-DDSF, affine MAF and RQ-spline flows.
 
-Protocol (identical for every model):
+Protocol (identical for every model; the 2-D part is the one of
+`../shared/data/toys/README.md`, under which other libraries were measured):
 
-* standardise by the training set's mean and std; report the NLL of the
+* the last 10% of the training rows are the validation set, checked every 250
+  steps; the best check's weights are restored before testing;
+* standardise by the training rows' mean and std; report the NLL of the
   data in its own units (the standardisation's log-det is added back);
 * 5 autoregressive layers with reversals in between, MADE hidden units
-  [64, 64] (2-D) or [128, 128] (MiniBooNE), 16 transformer units;
+  [64, 64] (2-D) or [128, 128] (the others), 16 transformer units;
 * Adam 1e-3, batch 256, gradient-norm clip 5, jit-compiled step where XLA
   accepts it;
-* 2-D toys (8gaussians, checkerboard, 2spirals, pinwheel): 20,000 train /
-  5,000 test points from different seeds, 3,000 steps, test at the end;
-* MiniBooNE: train on val.npy minus its last 10% (validation), validate every
-  250 steps up to 5,000, stop after 8 checks without improvement, test on
-  test.npy with the best check's weights.
+* 2-D toys (8gaussians, checkerboard, 2spirals, pinwheel): the fixed arrays of
+  `../shared/data/toys` (20,000 train / 5,000 test rows; generated with
+  `tfp_naf.datasets.make_toy` when absent), 3,000 steps;
+* simulators of higher dimension (`tfp_naf.datasets`): `funnel` (Neal's funnel,
+  6-D, true density known) and `slcp` (SLCP observations, 8-D), 20,000 train
+  rows (seed 0) / 5,000 test rows (seed 1); and the conditional task
+  `slcp-posterior` (SLCP parameters, 5-D, given observations, 8-D), which also
+  reports the fraction of posterior draws outside the prior's box;
+* MiniBooNE: train on val.npy, test on test.npy;
+* all but the 2-D sets: up to 5,000 steps, stop after 8 checks without
+  improvement.
 
-    python -m benchmarks.quality [--fast] [--datasets a,b] [--models m,n]
+    python -m benchmarks.quality [--fast] [--datasets a,b] [--models m,n] [--seeds 0,1,2]
 
 Writes benchmarks/results/quality.json and quality.md (or quality_fast.*).
 
 `--evaluate-on validation` is for choosing defaults without looking at any
-test set: the 2-D toys are scored on a fresh 5,000-point draw (seed 2, neither
-train nor test) and MiniBooNE on its held-out 10% of val.npy at the best
-check; results go to select*.json / select*.md instead.
+test set: every task is scored on its validation rows at the best check;
+results go to select*.json / select*.md instead. `--output-init-scale`,
+`--param-scale`, `--plain-softplus` and `--min-slope` are the knobs studied so.
 """
 
 from __future__ import annotations
@@ -34,77 +43,133 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.models import MODELS, build_flow
+from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOYS = ("8gaussians", "checkerboard", "2spirals", "pinwheel")
-DATASETS = TOYS + ("miniboone",)
-# Test NLL of other libraries' NAF / spline flows under this protocol.
-BARS = {"8gaussians": 2.880, "checkerboard": 3.604, "2spirals": 3.255, "pinwheel": 2.379,
-        "miniboone": 16.90}
+SIMULATED = ("funnel", "slcp")
+CONDITIONAL = ("slcp-posterior",)
+DATASETS = TOYS + SIMULATED + ("miniboone",) + CONDITIONAL
+# Best test NLL of other libraries under this protocol (2-D: ../shared/data/toys/README.md;
+# MiniBooNE: tfp_naf's own best so far).
+BARS = {"8gaussians": 2.880, "checkerboard": 3.604, "2spirals": 2.733, "pinwheel": 2.379,
+        "miniboone": 16.81}
 # Compact-conditioner variants run by default on these datasets only.
 CONTEXT_MODELS = {"checkerboard": ("naf-dsf-ctx16", "naf-ddsf-ctx16"),
                   "2spirals": ("naf-dsf-ctx16", "naf-ddsf-ctx16"),
                   "miniboone": ("naf-dsf-ctx16",)}
+# Posterior draws per test observation, and observations, for the support check.
+SUPPORT_DRAWS, SUPPORT_OBSERVATIONS = 200, 50
 
 
-def load(name: str, fast: bool, evaluate_on: str = "test"):
-    """`(train, valid or None, scored)` float32 arrays, or None if unavailable.
+def load(name: str, fast: bool, evaluate_on: str = "test") -> "dict | None":
+    """The data of one task, or None if unavailable.
 
-    `scored` is the test set, or with `evaluate_on="validation"` a set that is
-    not the test set: a fresh toy draw, or MiniBooNE's validation part.
+    A dict of float32 arrays `train`, `valid`, `scored` (and `train_c`,
+    `valid_c`, `scored_c` for a conditional task) plus `source`. `valid` is
+    the last 10% of the training rows; `scored` is the test set, or with
+    `evaluate_on="validation"` the validation rows themselves (scored with the
+    best validation check's weights), so defaults are chosen without any test
+    set.
     """
+    c_train = c_test = None
     if name in TOYS:
+        shared = None if fast else datasets.load_shared_toy(name)
+        if shared is not None:
+            train, test = shared
+            source = "../shared/data/toys"
+        else:
+            n_train, n_test = (2000, 500) if fast else (20000, 5000)
+            train, test = (datasets.make_toy(name, n_train, seed=0),
+                           datasets.make_toy(name, n_test, seed=1))
+            source = "tfp_naf.datasets.make_toy (seeds 0 / 1)"
+    elif name in SIMULATED or name in CONDITIONAL:
         n_train, n_test = (2000, 500) if fast else (20000, 5000)
-        scored_seed = 1 if evaluate_on == "test" else 2
-        return (datasets.make_toy(name, n_train, seed=0), None,
-                datasets.make_toy(name, n_test, seed=scored_seed))
-    try:
-        val, test = datasets.load_miniboone()
-    except FileNotFoundError as err:
-        print(f"[miniboone] skipped: {err}")
-        return None
-    n_valid = int(round(0.1 * len(val)))
+        if name == "funnel":
+            train, test = datasets.funnel(n_train, seed=0), datasets.funnel(n_test, seed=1)
+        else:
+            (theta, x), (theta_t, x_t) = datasets.slcp(n_train, 0), datasets.slcp(n_test, 1)
+            if name == "slcp":
+                train, test = x, x_t
+            else:
+                train, test, c_train, c_test = theta, theta_t, x, x_t
+        source = f"tfp_naf.datasets ({name}, seeds 0 / 1)"
+    else:
+        try:
+            val, test = datasets.load_miniboone()
+        except FileNotFoundError as err:
+            print(f"[miniboone] skipped: {err}")
+            return None
+        train, source = val, "../shared/data/miniboone (train on val.npy, test on test.npy)"
+    n_valid = int(round(0.1 * len(train)))
+    data = dict(train=train[:-n_valid], valid=train[-n_valid:], scored=test, source=source)
+    if c_train is not None:
+        data.update(train_c=c_train[:-n_valid], valid_c=c_train[-n_valid:], scored_c=c_test)
     if evaluate_on != "test":
-        test = val[-n_valid:]
-    return val[:-n_valid], val[-n_valid:], test
+        data["scored"] = data["valid"]
+        if c_train is not None:
+            data["scored_c"] = data["valid_c"]
+    return data
 
 
-def run_one(model: str, name: str, data, fast: bool, seed: int = 0,
+def _schedule(name: str, fast: bool) -> "tuple[int, int, int | None]":
+    """`(max_steps, check_every, patience)`: 2-D sets run all 3,000 steps (best check
+    restored); the others stop early after 8 checks without improvement."""
+    if fast:
+        return 100, 50, None
+    if name in TOYS:
+        return 3000, 250, None
+    return 5000, 250, 8
+
+
+def run_one(model: str, name: str, data: dict, fast: bool, seed: int = 0,
             max_minutes: "float | None" = None) -> dict:
-    train, valid, test = data
     tf.keras.utils.set_random_seed(seed)
+    train = data["train"]
     mean, std = train.mean(0), train.std(0)
     log_scale = float(np.sum(np.log(std.astype(np.float64))))  # NLL offset to data units.
+    conditional = "train_c" in data
+    if conditional:
+        c_mean, c_std = data["train_c"].mean(0), data["train_c"].std(0)
 
-    def standardise(a):
-        return ((a - mean) / std).astype(np.float32)
+    def prepare(part):
+        """Standardised rows; for a conditional task `[x | c]` side by side."""
+        x = ((data[part] - mean) / std).astype(np.float32)
+        if not conditional:
+            return x
+        c = ((data[part + "_c"] - c_mean) / c_std).astype(np.float32)
+        return np.concatenate([x, c], axis=1)
 
-    train_s, test_s = standardise(train), standardise(test)
-    valid_s = None if valid is None else standardise(valid)
+    train_s, valid_s, scored_s = prepare("train"), prepare("valid"), prepare("scored")
     d = train.shape[1]
-    hidden = [64, 64] if d == 2 else [128, 128]
-    dist, _, _ = build_flow(model, d, hidden)
-    variables = dist.trainable_variables
+    hidden = [64, 64] if d == 2 and not conditional else [128, 128]
+    num_flows = 5
+    dist, _, _ = build_flow(model, d, hidden, num_flows=num_flows,
+                            conditional_size=data["train_c"].shape[1] if conditional else None)
+
+    if conditional:
+        def log_prob_fn(xc):
+            return dist.log_prob(xc[:, :d], bijector_kwargs=conditional_kwargs(
+                num_flows, xc[:, d:]))
+    else:
+        log_prob_fn = dist.log_prob
     batch = 256
     rng = np.random.default_rng(seed)
 
-    step_fn, _ = make_train_step(dist)
+    step_fn, _ = make_train_step(dist, log_prob_fn=log_prob_fn)
+    variables = dist.trainable_variables
     t0 = time.perf_counter()
     step, jit = compile_step(step_fn, train_s[rng.integers(0, len(train_s), batch)])
-    log_prob, _ = compile_step(dist.log_prob, test_s[:1024], jit=jit)
+    log_prob, _ = compile_step(log_prob_fn, scored_s[:1024], jit=jit)
     compile_s = time.perf_counter() - t0
 
     def evaluate(a):
         mean_nll, se = nll_stats(log_prob, a)
         return mean_nll + log_scale, se
 
-    if valid_s is None:
-        max_steps, check_every, patience = (100 if fast else 3000), None, None
-    else:
-        max_steps, check_every, patience = (100 if fast else 5000), (50 if fast else 250), 8
+    max_steps, check_every, patience = _schedule(name, fast)
     best, best_step, best_weights, bad_checks, history = np.inf, 0, None, 0, []
     t0 = time.perf_counter()
     steps_done = 1  # compile_step took one step.
@@ -115,7 +180,7 @@ def run_one(model: str, name: str, data, fast: bool, seed: int = 0,
             break
         losses.append(float(step(train_s[rng.integers(0, len(train_s), batch)])))
         steps_done += 1
-        if check_every and steps_done % check_every == 0:
+        if steps_done % check_every == 0 or steps_done == max_steps:
             v, _ = evaluate(valid_s)
             history.append((steps_done, v))
             if v < best:
@@ -123,24 +188,51 @@ def run_one(model: str, name: str, data, fast: bool, seed: int = 0,
                 best_weights = [w.numpy() for w in variables]
             else:
                 bad_checks += 1
-                if bad_checks >= patience:
+                if patience is not None and bad_checks >= patience:
                     stopped = "early stopping"
                     break
     train_s_time = time.perf_counter() - t0
     if best_weights is not None:
         for w, value in zip(variables, best_weights, strict=True):
             w.assign(value)
-    nll, se = evaluate(test_s)
+    nll, se = evaluate(scored_s)
     result = dict(
-        model=model, dataset=name, test_nll=nll, test_se=se, steps=steps_done,
-        best_step=best_step if check_every else steps_done, stopped=stopped, jit=jit,
+        model=model, dataset=name, seed=seed, test_nll=nll, test_se=se, steps=steps_done,
+        best_step=best_step, stopped=stopped, jit=jit, source=data["source"],
         train_seconds=round(train_s_time, 1), compile_seconds=round(compile_s, 1),
+        ms_per_step=round(1000 * train_s_time / max(steps_done - 1, 1), 2),
         final_train_loss=float(np.mean(losses[-50:])) + log_scale if losses else None,
         valid_history=history, num_params=int(sum(np.prod(w.shape) for w in variables)),
     )
-    print(f"[{name}] {model}: test NLL {nll:.3f} +- {se:.3f} "
-          f"({steps_done} steps, {stopped}, {train_s_time:.0f}s, jit={jit})", flush=True)
+    if name == "funnel":
+        result["true_nll"] = float(-np.mean(datasets.funnel_log_prob(data["scored"])))
+    if conditional:
+        result["outside_support"] = _outside_support(dist, data, num_flows, c_mean, c_std,
+                                                     mean, std, seed)
+    extra = (f", {100 * result['outside_support']:.1f}% of posterior draws outside the prior"
+             if conditional else "")
+    print(f"[{name}] {model}: NLL {nll:.3f} +- {se:.3f} "
+          f"({steps_done} steps, best {best_step}, {stopped}, {train_s_time:.0f}s, "
+          f"jit={jit}{extra})", flush=True)
     return result
+
+
+def _outside_support(dist, data, num_flows, c_mean, c_std, mean, std, seed) -> float:
+    """Fraction of posterior draws outside the prior's box `[-3, 3]^5` (SLCP).
+
+    `SUPPORT_DRAWS` draws for each of the first `SUPPORT_OBSERVATIONS` scored
+    observations, in the parameters' own units.
+    """
+    c = data["scored_c"][:SUPPORT_OBSERVATIONS]
+    c = np.repeat(((c - c_mean) / c_std).astype(np.float32), SUPPORT_DRAWS, axis=0)
+
+    @tf.function
+    def draw(c):
+        return dist.sample(tf.shape(c)[0], seed=seed,
+                           bijector_kwargs=conditional_kwargs(num_flows, c))
+
+    theta = draw(c).numpy() * std + mean
+    return float(np.mean(np.any(np.abs(theta) > datasets.SLCP_PRIOR_BOUND, axis=1)))
 
 
 def _scale_pseudo_parameters(scale: float) -> None:
@@ -153,19 +245,35 @@ def _scale_pseudo_parameters(scale: float) -> None:
     transformers._SigmoidalTransformer._split_params = scaled_split
 
 
+def _plain_softplus_slopes() -> None:
+    """Diagnostic: `a = softplus(a_raw) + min_slope` (no shift to `a = 1` at 0), as pyro's DSF."""
+    transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
+
+
+def cell(runs: "list[dict]") -> str:
+    """One seed: `nll ± SE over test points`; several: `mean ± SE over seeds (n)`."""
+    values = np.array([r["test_nll"] for r in runs], np.float64)
+    if len(values) == 1:
+        return f"{values[0]:.3f} ± {runs[0]['test_se']:.3f}"
+    if not np.all(np.isfinite(values)):
+        return f"{np.mean(values):.3f} ({len(values)} seeds, some non-finite)"
+    se = values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():.3f} ± {se:.3f} ({len(values)})"
+
+
 def markdown(results: "list[dict]") -> str:
     models = list(dict.fromkeys(r["model"] for r in results))
     names = [n for n in DATASETS if any(r["dataset"] == n for r in results)]
-    table = {(r["model"], r["dataset"]): r for r in results}
     lines = ["| model | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for m in models:
         cells = []
         for n in names:
-            r = table.get((m, n))
-            cells.append("" if r is None else f"{r['test_nll']:.3f} ± {r['test_se']:.3f}")
+            runs = [r for r in results if r["model"] == m and r["dataset"] == n]
+            cells.append(cell(runs) if runs else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("| bar (other libraries) | " + " | ".join(f"{BARS[n]:.3f}" for n in names) + " |")
+    lines.append("| bar | " + " | ".join(
+        f"{BARS[n]:.3f}" if n in BARS else "" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +288,9 @@ def main(argv=None) -> "list[dict]":
                         help=f"also run the compact-conditioner variants {CONTEXT_MODELS}")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock cap on each training run (the result records it)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="training seed (initialisation and batches; the data are fixed)")
+    parser.add_argument("--seeds", default="0",
+                        help="comma list of training seeds (initialisation and batches; the "
+                             "data are fixed); tables give mean ± SE over seeds")
     parser.add_argument("--evaluate-on", choices=("test", "validation"), default="test",
                         help="score on the test sets, or (to choose defaults) on sets "
                              "that are not the test sets")
@@ -191,8 +300,18 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--param-scale", type=float, default=None,
                         help="diagnostic: multiply the NAF's pseudo-parameters by this before "
                              "the transformer (under Adam, a learning-rate multiplier on them)")
+    parser.add_argument("--plain-softplus", action="store_true",
+                        help="diagnostic: slopes a = softplus(a_raw) + min_slope, without the "
+                             "shift that makes a = 1 at a_raw = 0")
+    parser.add_argument("--min-slope", type=float, default=None,
+                        help="diagnostic: the NAFs' min_slope "
+                             f"(library default {transformers.DEFAULT_MIN_SLOPE:g})")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
+    if args.plain_softplus:
+        _plain_softplus_slopes()
+    if args.min_slope is not None:
+        NAF_KWARGS["min_slope"] = args.min_slope
     if args.output_init_scale is not None:
         conditioners.OUTPUT_INIT_SCALE = args.output_init_scale
     if args.param_scale is not None:
@@ -213,12 +332,15 @@ def main(argv=None) -> "list[dict]":
         run_models = list(models)
         if args.context:
             run_models += [m for m in CONTEXT_MODELS.get(name, ()) if m not in run_models]
-        for model in run_models:
-            results.append(run_one(model, name, data, args.fast, seed=args.seed,
-                                   max_minutes=args.max_minutes))
-            results[-1]["scored_on"] = args.evaluate_on  # "test_nll" is on this set.
-            (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
-            (RESULTS / f"{stem}.md").write_text(markdown(results))
+        if name in CONDITIONAL:
+            run_models = [m for m in run_models if m.startswith("naf")]
+        for seed in [int(v) for v in args.seeds.split(",") if v.strip()]:
+            for model in run_models:
+                results.append(run_one(model, name, data, args.fast, seed=seed,
+                                       max_minutes=args.max_minutes))
+                results[-1]["scored_on"] = args.evaluate_on  # "test_nll" is on this set.
+                (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
+                (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
     return results
 

@@ -9,15 +9,20 @@ import tf_keras
 __all__ = ["compile_step", "make_train_step", "nll_stats"]
 
 
-def make_train_step(dist, learning_rate: float = 1e-3, clip_norm: float = 5.0):
-    """`(step, optimizer)`: `step(x)` does loss, gradients, clipping, Adam update."""
+def make_train_step(dist, learning_rate: float = 1e-3, clip_norm: float = 5.0,
+                    log_prob_fn=None):
+    """`(step, optimizer)`: `step(x)` does loss, gradients, clipping, Adam update.
+
+    The loss is `-mean(log_prob_fn(x))`, by default `dist.log_prob`.
+    """
     optimizer = tf_keras.optimizers.Adam(learning_rate)
     variables = dist.trainable_variables
     optimizer.build(variables)  # Slots exist before any (XLA) tracing.
+    log_prob_fn = dist.log_prob if log_prob_fn is None else log_prob_fn
 
     def step(x):
         with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(dist.log_prob(x))
+            loss = -tf.reduce_mean(log_prob_fn(x))
         grads = tape.gradient(loss, variables)
         grads, _ = tf.clip_by_global_norm(grads, clip_norm)
         optimizer.apply_gradients(zip(grads, variables, strict=True))

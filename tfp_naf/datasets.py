@@ -1,8 +1,12 @@
-"""Built-in data: 2-D toy densities, a conditional toy, and MiniBooNE if present.
+"""Built-in data: 2-D toy densities, simulators of higher dimension, MiniBooNE if present.
 
 The 2-D shapes follow the usual flow benchmarks (FFJORD, NSF): eight Gaussians,
-checkerboard, two spirals and pinwheel. All generators are NumPy only,
-deterministic given `seed`, and return float32 arrays `[n, 2]`.
+checkerboard, two spirals and pinwheel. Two simulators give data of higher
+dimension: Neal's funnel (6-D, with a closed-form density) and the observations
+of the SLCP model ("simple likelihood, complex posterior", Papamakarios et al.
+2019; 8-D), whose parameter-observation pairs are also a conditional task
+(the posterior `p(theta | x)`, 5-D given 8-D, on a bounded prior support).
+All generators are NumPy only, deterministic given `seed`, and return float32.
 """
 
 from __future__ import annotations
@@ -14,14 +18,20 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "SLCP_PRIOR_BOUND",
     "TOY_DATASETS",
     "checkerboard",
     "conditional_ring",
     "eight_gaussians",
+    "funnel",
+    "funnel_log_prob",
     "load_miniboone",
+    "load_shared_toy",
     "make_toy",
     "miniboone_dir",
     "pinwheel",
+    "shared_data_dir",
+    "slcp",
     "two_spirals",
 ]
 
@@ -100,6 +110,83 @@ def conditional_ring(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
     radius = c[:, 0] + 0.1 * rng.standard_normal(n)
     x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
     return x.astype(np.float32), c.astype(np.float32)
+
+
+FUNNEL_SCALE = 1.5  # Standard deviation of the funnel's neck variable v.
+SLCP_PRIOR_BOUND = 3.0  # SLCP's prior: theta ~ U(-3, 3)^5.
+
+
+def funnel(n: int, seed: int = 0, dims: int = 6) -> np.ndarray:
+    """Neal's funnel in `dims` dimensions: `v ~ N(0, 1.5^2)`, `x_i | v ~ N(0, exp(v))`.
+
+    Returns `[n, dims]` with `v` in column 0. A hard shape for flows (the scale
+    of the other columns varies by `exp(3)` across the data), with a known
+    density, `funnel_log_prob`.
+    """
+    rng = np.random.default_rng(seed)
+    v = FUNNEL_SCALE * rng.standard_normal(n)
+    x = np.exp(v / 2.0)[:, None] * rng.standard_normal((n, dims - 1))
+    return np.concatenate([v[:, None], x], axis=1).astype(np.float32)
+
+
+def funnel_log_prob(points: np.ndarray) -> np.ndarray:
+    """The true log-density of `funnel` at `points` `[n, dims]` (float64)."""
+    points = np.asarray(points, np.float64)
+    v, x = points[:, 0], points[:, 1:]
+    log_norm = -0.5 * np.log(2 * np.pi)
+    lp_v = log_norm - np.log(FUNNEL_SCALE) - 0.5 * (v / FUNNEL_SCALE) ** 2
+    lp_x = np.sum(log_norm - v[:, None] / 2.0 - 0.5 * x**2 * np.exp(-v)[:, None], axis=1)
+    return lp_v + lp_x
+
+
+def slcp(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
+    """The SLCP simulator: `(theta [n, 5], x [n, 8])`, `theta ~ U(-3, 3)^5`.
+
+    `x` is four independent draws from a 2-D Gaussian with mean
+    `(theta_1, theta_2)`, standard deviations `theta_3^2`, `theta_4^2` and
+    correlation `tanh(theta_5)` (Papamakarios, Sterratt & Murray, 2019). `x`
+    alone is an 8-D density task; `theta` given `x` is a conditional one, whose
+    posterior is multimodal (the signs of `theta_3`, `theta_4` are not
+    identified) and lives on the prior's box.
+    """
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(-SLCP_PRIOR_BOUND, SLCP_PRIOR_BOUND, (n, 5))
+    s1, s2, rho = theta[:, 2] ** 2, theta[:, 3] ** 2, np.tanh(theta[:, 4])
+    e1, e2 = rng.standard_normal((2, n, 4))
+    x1 = theta[:, :1] + s1[:, None] * e1
+    x2 = theta[:, 1:2] + s2[:, None] * (rho[:, None] * e1 + np.sqrt(1 - rho**2)[:, None] * e2)
+    x = np.stack([x1, x2], axis=2).reshape(n, 8)
+    return theta.astype(np.float32), x.astype(np.float32)
+
+
+def shared_data_dir() -> "Path | None":
+    """`../shared/data` beside the project root (or `$TFP_NAF_SHARED_DATA`), if present."""
+    candidates = []
+    if os.environ.get("TFP_NAF_SHARED_DATA"):
+        candidates.append(Path(os.environ["TFP_NAF_SHARED_DATA"]))
+    root = Path(__file__).resolve().parent.parent
+    candidates += [root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+def load_shared_toy(name: str) -> "tuple[np.ndarray, np.ndarray] | None":
+    """`(train [20000, 2], test [5000, 2])` of a 2-D set from `../shared/data/toys`, or None.
+
+    These fixed arrays are the ones other libraries were measured on; when they
+    are absent, generate data with `make_toy` instead.
+    """
+    if name not in TOY_DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(TOY_DATASETS)}.")
+    root = shared_data_dir()
+    if root is None:
+        return None
+    train, test = root / "toys" / f"{name}_train.npy", root / "toys" / f"{name}_test.npy"
+    if not (train.is_file() and test.is_file()):
+        return None
+    return np.load(train).astype(np.float32), np.load(test).astype(np.float32)
 
 
 def miniboone_dir() -> "Path | None":
