@@ -112,27 +112,28 @@ def conditional_ring(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
     return x.astype(np.float32), c.astype(np.float32)
 
 
-FUNNEL_SCALE = 1.5  # Standard deviation of the funnel's neck variable v.
+FUNNEL_SCALE = 3.0  # Standard deviation of the neck variable v (Neal, 2003).
 SLCP_PRIOR_BOUND = 3.0  # SLCP's prior: theta ~ U(-3, 3)^5.
 
 
 def funnel(n: int, seed: int = 0, dims: int = 6) -> np.ndarray:
-    """Neal's funnel in `dims` dimensions: `v ~ N(0, 1.5^2)`, `x_i | v ~ N(0, exp(v))`.
+    """Neal's funnel in `dims` dimensions: `v ~ N(0, 3^2)`, `x_i | v ~ N(0, exp(v))`.
 
-    Returns `[n, dims]` with `v` in column 0. A hard shape for flows (the scale
-    of the other columns varies by `exp(3)` across the data), with a known
-    density, `funnel_log_prob`.
+    Returns `[n, dims]` with `v` in the last column, so the first layer of a
+    flow sees the heavy-tailed scale mixtures `x_i` before the variable that
+    sets their scale (a factor `exp(4.5)` either way across the data). The
+    density is known: `funnel_log_prob`.
     """
     rng = np.random.default_rng(seed)
     v = FUNNEL_SCALE * rng.standard_normal(n)
     x = np.exp(v / 2.0)[:, None] * rng.standard_normal((n, dims - 1))
-    return np.concatenate([v[:, None], x], axis=1).astype(np.float32)
+    return np.concatenate([x, v[:, None]], axis=1).astype(np.float32)
 
 
 def funnel_log_prob(points: np.ndarray) -> np.ndarray:
     """The true log-density of `funnel` at `points` `[n, dims]` (float64)."""
     points = np.asarray(points, np.float64)
-    v, x = points[:, 0], points[:, 1:]
+    x, v = points[:, :-1], points[:, -1]
     log_norm = -0.5 * np.log(2 * np.pi)
     lp_v = log_norm - np.log(FUNNEL_SCALE) - 0.5 * (v / FUNNEL_SCALE) ** 2
     lp_x = np.sum(log_norm - v[:, None] / 2.0 - 0.5 * x**2 * np.exp(-v)[:, None], axis=1)
