@@ -32,6 +32,7 @@ __all__ = [
     "pinwheel",
     "shared_data_dir",
     "slcp",
+    "slcp_simulate",
     "two_spirals",
 ]
 
@@ -140,24 +141,34 @@ def funnel_log_prob(points: np.ndarray) -> np.ndarray:
     return lp_v + lp_x
 
 
-def slcp(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
-    """The SLCP simulator: `(theta [n, 5], x [n, 8])`, `theta ~ U(-3, 3)^5`.
+def slcp_simulate(theta: np.ndarray, seed: "int | np.random.Generator" = 0) -> np.ndarray:
+    """SLCP observations `x [n, 8]` for parameters `theta [n, 5]`.
 
-    `x` is four independent draws from a 2-D Gaussian with mean
-    `(theta_1, theta_2)`, standard deviations `theta_3^2`, `theta_4^2` and
-    correlation `tanh(theta_5)` (Papamakarios, Sterratt & Murray, 2019). `x`
-    alone is an 8-D density task; `theta` given `x` is a conditional one, whose
-    posterior is multimodal (the signs of `theta_3`, `theta_4` are not
-    identified) and lives on the prior's box.
+    Four independent draws from a 2-D Gaussian with mean `(theta_1, theta_2)`,
+    standard deviations `theta_3^2`, `theta_4^2` and correlation
+    `tanh(theta_5)` (Papamakarios, Sterratt & Murray, 2019), laid out as
+    `[x1_a, x2_a, x1_b, x2_b, ...]`.
     """
+    theta = np.asarray(theta, np.float64)
     rng = np.random.default_rng(seed)
-    theta = rng.uniform(-SLCP_PRIOR_BOUND, SLCP_PRIOR_BOUND, (n, 5))
+    n = theta.shape[0]
     s1, s2, rho = theta[:, 2] ** 2, theta[:, 3] ** 2, np.tanh(theta[:, 4])
     e1, e2 = rng.standard_normal((2, n, 4))
     x1 = theta[:, :1] + s1[:, None] * e1
     x2 = theta[:, 1:2] + s2[:, None] * (rho[:, None] * e1 + np.sqrt(1 - rho**2)[:, None] * e2)
-    x = np.stack([x1, x2], axis=2).reshape(n, 8)
-    return theta.astype(np.float32), x.astype(np.float32)
+    return np.stack([x1, x2], axis=2).reshape(n, 8).astype(np.float32)
+
+
+def slcp(n: int, seed: int = 0) -> "tuple[np.ndarray, np.ndarray]":
+    """Pairs of the SLCP simulator: `(theta [n, 5], x [n, 8])`, `theta ~ U(-3, 3)^5`.
+
+    `x = slcp_simulate(theta)`. `x` alone is an 8-D density task; `theta`
+    given `x` is a conditional one, whose posterior is multimodal (the signs
+    of `theta_3`, `theta_4` are not identified) and lives on the prior's box.
+    """
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(-SLCP_PRIOR_BOUND, SLCP_PRIOR_BOUND, (n, 5))
+    return theta.astype(np.float32), slcp_simulate(theta, seed=rng)
 
 
 def shared_data_dir() -> "Path | None":
