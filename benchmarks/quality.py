@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import models as model_zoo
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
@@ -306,8 +307,13 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--min-slope", type=float, default=None,
                         help="diagnostic: the NAFs' min_slope "
                              f"(library default {transformers.DEFAULT_MIN_SLOPE:g})")
+    parser.add_argument("--bias-spread", type=float, default=None,
+                        help="diagnostic: spread every DSF's initial sigmoid centres over "
+                             "[-B, B] (unconditional DSF only)")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
+    if args.bias_spread is not None:
+        model_zoo.BIAS_SPREAD = args.bias_spread
     if args.plain_softplus:
         _plain_softplus_slopes()
     if args.min_slope is not None:
