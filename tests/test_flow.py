@@ -490,32 +490,52 @@ def test_conditioner_params_values():
 
 
 @pytest.mark.parametrize("variant", ["dsf", "ddsf-cond-compact"])
-def test_fresh_flow_identity_variables_and_parameters(variant):
-    naf = build(variant, 3, randomized=False)
+@pytest.mark.parametrize("spread", [0.0, 2.0])
+def test_fresh_flow_starts_at_its_initial_transformer(variant, spread):
+    naf = build(variant, 3, randomized=False, initial_spread=spread)
     variables = naf.trainable_variables
     assert len(variables) >= 6
     assert sum(int(np.prod(v.shape)) for v in variables) > 100
     assert naf.parameters["event_shape"] == [3]
     assert naf.parameters["num_units"] == 4
+    assert naf.parameters["initial_spread"] == spread
     assert naf.parameters["transformer"] == VARIANTS[variant][0]
     x, kwargs = data(naf, n=4, scale=1.0)
+    # Every dimension's parameters start near the transformer's initial_params...
+    start = type(naf.transformer).initial_params(4, naf.transformer.num_layers, spread)
+    theta = naf.conditioner(x, **kwargs).numpy()
+    np.testing.assert_allclose(theta, np.broadcast_to(start, theta.shape), atol=0.1)
+    # ... so the flow starts as that transformer applied to each dimension:
+    # the identity at spread 0, a monotone map with spread-out units otherwise.
+    layers = {"num_layers": 2} if variant.startswith("ddsf") else {}
+    expected = type(naf.transformer)(params=start.astype(np.float32), **layers)
+    y, log_deriv = expected.forward_and_log_derivative(x[..., None])
     z, log_det = naf.forward_and_log_det(x, **kwargs)
-    # Near the identity, but not exactly: see the next test.
-    np.testing.assert_allclose(z, x, atol=0.2)
-    np.testing.assert_allclose(log_det, 0.0, atol=0.2)
+    np.testing.assert_allclose(z, y.numpy()[..., 0], atol=0.2)
+    np.testing.assert_allclose(log_det, log_deriv.numpy()[..., 0].sum(-1), atol=0.2)
+    if spread == 0.0:
+        np.testing.assert_allclose(z, x, atol=0.2)
+    else:  # Not the identity: the check above is not vacuous.
+        assert np.abs(z - x).max() > 0.2
+
+
+def test_initial_spread_is_checked():
+    with pytest.raises(ValueError, match="initial_spread"):
+        build("dsf", 3, randomized=False, initial_spread=-1.0)
 
 
 @pytest.mark.parametrize("variant", ["dsf", "ddsf-cond", "dsf-compact"])
 def test_fresh_flow_has_distinct_transformer_units(variant):
     # With an all-zero conditioner output every unit of a transformer is the
     # same, gets the same gradient and never separates: the flow stays affine.
+    # (The slopes start equal up to the small random output layer.)
     naf = build(variant, 3, randomized=False)
     x, kwargs = data(naf, n=4, scale=1.0)
     theta = naf.conditioner(x, **kwargs).numpy()
     k = naf.transformer.num_units
     a_raw = theta[..., :k]  # The slopes of the first layer, per dimension.
     assert np.all(a_raw.std(axis=-1) > 1e-4), a_raw
-    assert np.abs(theta).max() < 0.5
+    assert np.abs(a_raw).max() < 0.5
 
 
 def test_forward_log_det_is_cached():

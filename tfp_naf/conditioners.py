@@ -49,10 +49,10 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
     ```
 
     `W` starts at `OUTPUT_INIT_SCALE` (1e-2) times a Glorot initialisation and
-    `bias` at `N(0, OUTPUT_INIT_SCALE^2)`, so `theta` is near 0 (the
-    transformers near the identity) while the units of each transformer are
-    distinct. (All-zero weights would tie them: identical units get identical
-    gradients and never separate.)
+    `bias` at `initial_params + N(0, OUTPUT_INIT_SCALE^2)`, so `theta` starts
+    near `initial_params` (0: the transformers near the identity) while the
+    units of each transformer are distinct. (All-zero weights would tie them:
+    identical units get identical gradients and never separate.)
 
     #### Examples
 
@@ -75,6 +75,7 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         input_order: "str | Sequence[int]" = "left-to-right",
         hidden_degrees: str = "equal",
         activation=None,
+        initial_params: "Sequence[float] | None" = None,
         **kwargs,
     ):
         """Builds the layer.
@@ -82,6 +83,9 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         Args:
           params: `P`, pseudo-parameters per dimension.
           context_units: `C`, context features per dimension from the MADE.
+          initial_params: `P` values added to the initial per-dimension bias,
+            so `theta` starts near them (for example a transformer's
+            `initial_params`); None for 0.
           event_shape, hidden_units, conditional, conditional_event_shape,
             conditional_input_layers, input_order, hidden_degrees, activation:
             as for `tfp.bijectors.AutoregressiveNetwork`.
@@ -95,6 +99,14 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
             )
         self._params = int(params)
         self._context_units = int(context_units)
+        self._initial_params = (
+            None if initial_params is None else np.asarray(initial_params, np.float64)
+        )
+        if self._initial_params is not None and self._initial_params.shape != (self._params,):
+            raise ValueError(
+                f"`initial_params` must have shape [{self._params}]; got "
+                f"{self._initial_params.shape}."
+            )
         self._made = tfb.AutoregressiveNetwork(
             params=self._context_units,
             event_shape=event_shape,
@@ -126,6 +138,9 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
             initializer=tf_keras.initializers.RandomNormal(stddev=OUTPUT_INIT_SCALE),
             dtype=self.dtype,
         )
+        if self._initial_params is not None:
+            offset = np.tile(self._initial_params, [event_size, 1])
+            self._bias.assign_add(offset.astype(self._bias.dtype.as_numpy_dtype))
         super().build(input_shape)
 
     def call(self, x, conditional_input=None):
@@ -190,10 +205,17 @@ def match_dtype(made) -> None:
             layer._set_dtype_policy(made.dtype)
 
 
-def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: "float | None" = None) -> None:
-    """Scales the output kernel of a built MADE by `scale`; bias `N(0, scale^2)`.
+def shrink_output_layer(
+    made: tfb.AutoregressiveNetwork,
+    scale: "float | None" = None,
+    offset: "np.ndarray | None" = None,
+) -> None:
+    """Scales the output kernel of a built MADE by `scale`; bias `N(0, scale^2)` (+ `offset`).
 
-    `scale` defaults to `OUTPUT_INIT_SCALE`, read at call time.
+    `scale` defaults to `OUTPUT_INIT_SCALE`, read at call time. `offset`, a
+    vector of the `P` pseudo-parameters of one dimension (for example a
+    transformer's `initial_params`), is added to every dimension's bias, so
+    the conditioner's output starts near it.
 
     Used on the MADEs the flow builds itself, so that the flow starts near the
     identity. Nothing is zeroed: with an all-zero output every unit of a
@@ -222,6 +244,14 @@ def shrink_output_layer(made: tfb.AutoregressiveNetwork, scale: "float | None" =
             layer.bias.assign(
                 tf.random.normal(layer.bias.shape, stddev=scale, dtype=layer.bias.dtype)
             )
+    if offset is not None:
+        # The autoregressive (masked) layer's bias, `[D * P]`, dimension-major.
+        layer = next((d for d in dense if d.bias is not None and d.kernel_constraint is not None),
+                     None)
+        if layer is None:
+            raise ValueError("Could not find the biased autoregressive output layer of the MADE.")
+        offset = np.asarray(offset, layer.bias.dtype.as_numpy_dtype)
+        layer.bias.assign_add(np.tile(offset, layer.bias.shape[0] // offset.shape[0]))
 
 
 # Conditioner -> its head (or None). Weak and outside the conditioner, so the

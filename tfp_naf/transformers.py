@@ -362,6 +362,22 @@ class _SigmoidalTransformer(tfb.Bijector):
         )
 
     @classmethod
+    def initial_params(cls, num_units: int, num_layers: int = 1, spread: float = 0.0) -> np.ndarray:
+        """Pseudo-parameters whose first-layer sigmoid centres span `[-spread, spread]`.
+
+        `a_raw = 0` (every `a = 1`), `b_k = -c_k` with centres
+        `c = linspace(-spread, spread, K)`, all mixing logits 0; later DDSF
+        layers 0. A conditioner whose output starts near this vector starts
+        with distinct, spread-out units instead of `K` units stacked at 0
+        (which must first separate before the transformer can bend). At
+        `spread = 0` this is all zeros, where `g` is the identity.
+        """
+        k = int(num_units)
+        params = np.zeros(cls.num_params(k, num_layers))
+        params[k : 2 * k] = -np.linspace(-spread, spread, k)
+        return params
+
+    @classmethod
     def _infer_num_units(cls, size: int, num_layers: int) -> int:
         for k in range(1, size + 1):
             if cls.num_params(k, num_layers) == size:
