@@ -295,3 +295,44 @@ def test_backup_and_restore_resumes_on_both_workers(runs):
         np.testing.assert_allclose(resumed["log_prob"], single["log_prob"], rtol=1e-4,
                                    atol=1e-4)
     assert runs["resumed"][0]["final"] == runs["resumed"][1]["final"]
+
+
+def test_command_line_fit_on_two_workers(tmp_path):
+    """`python -m tfp_naf fit` on two workers: the chief's model folder equals one process's."""
+    from tfp_naf import datasets
+    from tfp_naf.model_io import load_model_dir
+
+    x = datasets.make_toy("8gaussians", 600, seed=0)
+    np.savetxt(tmp_path / "data.csv", x, delimiter=",", header="a,b", comments="", fmt="%.6f")
+    fit = [sys.executable, "-m", "tfp_naf", "fit", "data.csv", "--epochs", "2",
+           "--batch-size", "64", "--flows", "1", "--hidden", "8", "--units", "4", "--quiet"]
+    configs = tf_configs(2)
+    # Worker 1's temporary copy of the model folder goes under its own TMPDIR.
+    worker_tmp = tmp_path / "worker-1-tmp"
+    worker_tmp.mkdir()
+    chief, other, single = run_group(
+        [(fit + ["--out", "model"], configs[0]),
+         (["env", f"TMPDIR={worker_tmp}", *fit, "--out", "model"], configs[1]),
+         (fit + ["--out", "single"], None)], tmp_path)
+    for code, _, err in (chief, other, single):
+        assert code == 0, err[-3000:]
+    assert "model folder: model" in chief[1] and "the chief writes model" in other[1]
+    # Only the chief wrote a model folder; worker 1's copy was deleted.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "model", "single", "worker-1-tmp"]
+    assert list(worker_tmp.iterdir()) == []
+    model, config = load_model_dir(tmp_path / "model")
+    reference, _ = load_model_dir(tmp_path / "single")
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and single_metrics["replicas"] == 1
+    # Same seed, same shuffled order, same global batch: the one-process run's numbers.
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(metrics["history"][key], single_metrics["history"][key],
+                                   rtol=1e-4, err_msg=key)
+    for a, b in zip(model.variables, reference.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    x32 = x[:50].astype("float32")
+    np.testing.assert_allclose(model.log_prob(x32), reference.log_prob(x32), rtol=1e-4,
+                               atol=1e-4)
+    assert config["columns"]["header"] == ["a", "b"]
