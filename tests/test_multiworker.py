@@ -12,8 +12,8 @@ batch is split into per-replica batches and worker `i` takes the `i`-th of
 them, so the two workers together see exactly the single run's batch at every
 step; `NAFDensityModel.compute_loss` divides by the global batch's weight
 total, and the summed gradients are the single run's. (With `OFF` every worker
-would read the whole pipeline and the global batch would hold each example
-twice and skip half the data: see `test_sharding_off_differs`.)
+would read the whole pipeline, and the global batches would hold other,
+repeated examples: see `test_sharding_off_differs`.)
 
 Then the two workers start a `BackupAndRestore` fit and are killed
 (`os._exit` at the start of epoch 2); two fresh workers (new ports, a freshly
