@@ -300,10 +300,16 @@ def _fit_callbacks(tf_keras, has_validation: bool, patience: int):
 
 
 def cmd_fit(args) -> int:
+    from tfp_naf import distribute
     from tfp_naf.model_io import ModelDirError, check_replaceable
 
+    try:  # TF_CONFIG (several machines): only the chief writes the model folder.
+        chief = distribute.is_chief()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     try:
-        check_replaceable(args.out.absolute(), args.force)  # Fail before training.
+        if chief:
+            check_replaceable(args.out.absolute(), args.force)  # Fail before training.
     except ModelDirError as e:
         raise CLIError(str(e)) from None
     if not 0.0 <= args.validation_split < 1.0:
@@ -326,6 +332,7 @@ def cmd_fit(args) -> int:
     from tfp_naf.keras import NAFDensityModel
     from tfp_naf.model_io import save_model_dir
 
+    strategy = distribute.strategy_from_environment()  # Before any other TF operation.
     tf_keras.utils.set_random_seed(args.seed)
     perm = np.random.default_rng(args.seed).permutation(len(values))
     val_rows, train_rows = perm[:n_val], perm[n_val:]
@@ -334,12 +341,13 @@ def cmd_fit(args) -> int:
     def inputs(rows):
         return {"x": x[rows], "c": c[rows]} if c_cols else x[rows]
 
-    model = NAFDensityModel(event_size=len(x_cols),
-                            conditional_size=len(c_cols) or None, **_model_kwargs(args))
-    model.adapt(x[train_rows], c[train_rows] if c_cols else None)
-    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
-    schedule = tf_keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=0.1)
-    model.compile(optimizer=tf_keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm))
+    with strategy.scope():  # --batch-size is the global batch, split over all replicas.
+        model = NAFDensityModel(event_size=len(x_cols),
+                                conditional_size=len(c_cols) or None, **_model_kwargs(args))
+        model.adapt(x[train_rows], c[train_rows] if c_cols else None)
+        steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
+        schedule = tf_keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=0.1)
+        model.compile(optimizer=tf_keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm))
     start = time.perf_counter()
     history = model.fit(
         inputs(train_rows), batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
@@ -357,17 +365,22 @@ def cmd_fit(args) -> int:
         "train_nll": nll(train_rows), "validation_nll": nll(val_rows),
         "epochs": len(history.history["loss"]), "fit_seconds": round(seconds, 2),
         "n_train": len(train_rows), "n_validation": n_val,
+        "replicas": strategy.num_replicas_in_sync,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "settings": _settings(args),
     }
     if not np.isfinite(metrics["train_nll"]):
         raise CLIError("training diverged (non-finite NLL); try a smaller --lr.")
     layout = {"total": total, "x": x_cols, "c": c_cols, "header": header}
-    try:
-        save_model_dir(model, args.out, metadata={"columns": layout}, metrics=metrics,
-                       saved_model=args.saved_model, force=args.force)
+    try:  # Every worker saves (saving may all-reduce); the others' copies are deleted.
+        with distribute.chief_path(args.out) as out:
+            save_model_dir(model, out, metadata={"columns": layout}, metrics=metrics,
+                           saved_model=args.saved_model, force=args.force)
     except ModelDirError as e:
         raise CLIError(str(e)) from None
+    if not chief:
+        print(f"train NLL {metrics['train_nll']:.4f}; worker done (the chief writes {args.out})")
+        return 0
     print(f"train NLL {metrics['train_nll']:.4f}"
           + (f", validation NLL {metrics['validation_nll']:.4f}" if n_val else "")
           + f" (nats per row, data units); model folder: {args.out}")
