@@ -68,25 +68,6 @@ class _SplineFn(tf.Module):
 
 # Extra keyword arguments for every NAF built here (diagnostics set them).
 NAF_KWARGS: dict = {}
-# Diagnostic: spread the initial sigmoid centres of every DSF over [-B, B] (0: off).
-BIAS_SPREAD = 0.0
-
-
-def spread_centres(naf, spread: float) -> None:
-    """Adds `linspace(-spread, spread, K)` to the `b` part of a DSF MADE's output bias.
-
-    At `a = 1` the units' centres `-b_k / a_k` then span `[-spread, spread]`
-    instead of all sitting near 0. The flow no longer starts at the identity.
-    """
-    made = naf.conditioner
-    layer = made._network.layers[-1]
-    if not isinstance(layer, tf_keras.layers.Dense):
-        raise ValueError("spread_centres expects an unconditional MADE ending in Dense.")
-    k = naf.transformer.num_units
-    bias = tf.reshape(layer.bias, [-1, 3 * k])
-    offset = tf.concat([tf.zeros([k]), tf.linspace(-spread, spread, k), tf.zeros([k])], 0)
-    layer.bias.assign(tf.reshape(bias + tf.cast(offset, bias.dtype), [-1]))
-
 
 def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
            conditional_size: "int | None" = None, name: str = "naf"):
@@ -104,8 +85,6 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
             name=name,
             **NAF_KWARGS,
         )
-        if BIAS_SPREAD:
-            spread_centres(naf, BIAS_SPREAD)
         return naf, naf.conditioner
     if conditional_size is not None:
         raise ValueError(f"Model {model!r} has no conditional variant here.")

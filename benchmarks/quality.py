@@ -30,7 +30,8 @@ Writes benchmarks/results/quality.json and quality.md (or quality_fast.*).
 `--evaluate-on validation` is for choosing defaults without looking at any
 test set: every task is scored on its validation rows at the best check;
 results go to select*.json / select*.md instead. `--output-init-scale`,
-`--param-scale`, `--plain-softplus` and `--min-slope` are the knobs studied so.
+`--initial-spread`, `--param-scale`, `--plain-softplus` and `--min-slope` are the knobs
+studied so.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from benchmarks import models as model_zoo
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
+from tfp_naf.flow import DEFAULT_INITIAL_SPREAD
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOYS = ("8gaussians", "checkerboard", "2spirals", "pinwheel")
@@ -307,13 +308,13 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--min-slope", type=float, default=None,
                         help="diagnostic: the NAFs' min_slope "
                              f"(library default {transformers.DEFAULT_MIN_SLOPE:g})")
-    parser.add_argument("--bias-spread", type=float, default=None,
-                        help="diagnostic: spread every DSF's initial sigmoid centres over "
-                             "[-B, B] (unconditional DSF only)")
+    parser.add_argument("--initial-spread", type=float, default=None,
+                        help="diagnostic: the NAFs' initial_spread (library default "
+                             f"{DEFAULT_INITIAL_SPREAD:g})")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
-    if args.bias_spread is not None:
-        model_zoo.BIAS_SPREAD = args.bias_spread
+    if args.initial_spread is not None:
+        NAF_KWARGS["initial_spread"] = args.initial_spread
     if args.plain_softplus:
         _plain_softplus_slopes()
     if args.min_slope is not None:
