@@ -311,8 +311,12 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--initial-spread", type=float, default=None,
                         help="diagnostic: the NAFs' initial_spread (library default "
                              f"{DEFAULT_INITIAL_SPREAD:g})")
+    parser.add_argument("--activation", default=None,
+                        help="diagnostic: the NAF MADEs' hidden activation (library default relu)")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
+    if args.activation is not None:
+        NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
         NAF_KWARGS["initial_spread"] = args.initial_spread
     if args.plain_softplus:
