@@ -27,9 +27,11 @@ import tf_keras
 
 tfb = tfp.bijectors
 
-# Scale of the conditioner's initial output weights: small, so the flow starts
-# near the identity, but not zero, so the units of a transformer are distinct.
-OUTPUT_INIT_SCALE = 1e-2
+# Scale of the conditioner's initial output weights (times a Glorot
+# initialisation; the bias is N(0, scale^2)). Not zero, so the units of a
+# transformer are distinct; 0.3 rather than a near-identity 1e-2 because it
+# learns faster, chosen on validation data (benchmarks/README.md).
+OUTPUT_INIT_SCALE = 0.3
 
 __all__ = [
     "CompactAutoregressiveNetwork",
@@ -48,10 +50,10 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
     theta[..., i, :] = h[..., i, :] @ W + bias[i]     # W: [context_units, P]
     ```
 
-    `W` starts at `OUTPUT_INIT_SCALE` (1e-2) times a Glorot initialisation and
+    `W` starts at `OUTPUT_INIT_SCALE` (0.3) times a Glorot initialisation and
     `bias` at `initial_params + N(0, OUTPUT_INIT_SCALE^2)`, so `theta` starts
-    near `initial_params` (0: the transformers near the identity) while the
-    units of each transformer are distinct. (All-zero weights would tie them:
+    near `initial_params` (0: the transformers near the identity), with
+    distinct units in each transformer. (All-zero weights would tie them:
     identical units get identical gradients and never separate.)
 
     #### Examples
@@ -217,8 +219,9 @@ def shrink_output_layer(
     transformer's `initial_params`), is added to every dimension's bias, so
     the conditioner's output starts near it.
 
-    Used on the MADEs the flow builds itself, so that the flow starts near the
-    identity. Nothing is zeroed: with an all-zero output every unit of a
+    Used on the MADEs the flow builds itself, so that the flow starts near
+    `offset` (the transformers' `initial_params`) with a controlled spread of
+    pseudo-parameters. Nothing is zeroed: with an all-zero output every unit of a
     transformer starts identical, receives identical gradients and never
     separates (a DSF would stay an affine map). The bias matters most: the
     first dimension's parameters are the bias alone. Scaling keeps the

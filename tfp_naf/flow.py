@@ -13,8 +13,9 @@ from tensorflow_probability.python.internal import prefer_static as ps
 from tfp_naf import conditioners
 from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
 
-# Initial spread of the built conditioner's sigmoid centres (see `initial_spread`).
-DEFAULT_INITIAL_SPREAD = 0.0
+# Initial spread of the built conditioner's sigmoid centres (see `initial_spread`),
+# chosen on validation data (benchmarks/README.md).
+DEFAULT_INITIAL_SPREAD = 2.0
 
 tfb = tfp.bijectors
 
@@ -120,7 +121,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         conditional_event_shape: "Sequence[int] | int | None" = None,
         conditional_input_layers: str = "all_layers",
         context_units: "int | None" = None,
-        initial_spread: float = DEFAULT_INITIAL_SPREAD,
+        initial_spread: "float | None" = None,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
         tail_slope: "float | None" = None,
@@ -137,8 +138,11 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             `CompactAutoregressiveNetwork`) whose `params` equals
             `conditioner_params(transformer, num_units, num_layers)`. When None,
             one is built from `event_shape`, `hidden_units` and the MADE options
-            below, with its output layer scaled down (by 1e-2) so the flow
-            starts near the identity with distinct transformer units.
+            below, with its output layer scaled (by
+            `conditioners.OUTPUT_INIT_SCALE`, 0.3, times a Glorot
+            initialisation) and offset to the transformer's
+            `initial_params(spread=initial_spread)`, so its transformer units
+            start distinct; the scale was chosen on validation data.
           event_shape: `[D]`, required when building the conditioner.
           hidden_units: hidden layer widths of the built MADE.
           transformer: "dsf", "ddsf", or a transformer class.
@@ -157,8 +161,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             centres spread over `[-initial_spread, initial_spread]` (in
             standardised units), so the units start distinct and spread out
             rather than stacked at 0. 0 starts every flow near the identity.
-            The default was chosen on validation data (benchmarks/README.md).
-            Ignored for a conditioner you pass in.
+            None means `DEFAULT_INITIAL_SPREAD` (2), chosen on validation data
+            (benchmarks/README.md). Ignored for a conditioner you pass in.
           clip, min_slope: transformer options (see `DeepSigmoidalFlow`).
           tail_slope: slope of the transformer's linear tail; None keeps the
             transformer's default (0 for DSF, 1e-3 for DDSF, whose range would
@@ -194,7 +198,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
                     conditional_input_layers=conditional_input_layers,
                     context_units=context_units,
                     initial_params=self._initial_params(
-                        transformer_cls, int(num_units), num_layers, float(initial_spread)),
+                        transformer_cls, int(num_units), num_layers, initial_spread),
                     dtype=dtype,
                 )
             else:
@@ -249,6 +253,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
     @staticmethod
     def _initial_params(transformer_cls, num_units, num_layers, spread) -> "np.ndarray | None":
         """The built conditioner's starting point; None where it is 0."""
+        spread = DEFAULT_INITIAL_SPREAD if spread is None else float(spread)
         if spread == 0.0:
             return None
         if spread < 0.0 or not np.isfinite(spread):
