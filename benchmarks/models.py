@@ -10,7 +10,7 @@ NAF's default):
 * "naf-dsf-ctx<C>", "naf-ddsf-ctx<C>": the same with the compact conditioner
   (`context_units=C`);
 * "maf": TFP's affine `tfb.MaskedAutoregressiveFlow` with
-  `tfb.AutoregressiveNetwork(params=2)`, output layer shrunk as the NAF's (near-identity start);
+  `tfb.AutoregressiveNetwork(params=2)`, output layer scaled by 1e-2 (near-identity start);
 * "rqs": `tfb.MaskedAutoregressiveFlow` whose `bijector_fn` builds a
   `tfb.RationalQuadraticSpline` (8 bins on `[-B, B]`, identity tails) from a
   MADE output.
@@ -66,6 +66,8 @@ class _SplineFn(tf.Module):
         )
 
 
+# MAF's MADE output layer is scaled by this at the start (fixed, not the NAF default).
+MAF_OUTPUT_SCALE = 1e-2
 # Extra keyword arguments for every NAF built here (diagnostics set them).
 NAF_KWARGS: dict = {}
 
@@ -96,7 +98,7 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
         # Start near the identity, as the NAF does: with a full-size random output
         # layer the 5 unbounded affine layers overflow on 43-d data (NaN at once).
         made.build((None, event_size))
-        shrink_output_layer(made)
+        shrink_output_layer(made, scale=MAF_OUTPUT_SCALE)
         return tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=made), made
     if model == "rqs":
         fn = _SplineFn(event_size, hidden_units, SPLINE_BINS, SPLINE_BOUND)
