@@ -26,11 +26,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    from tfp_naf.keras import NAFDensityModel
 
-from tfp_naf.keras import NAFDensityModel, export_saved_model
+# TensorFlow and tfp_naf.keras are imported by the functions that need them, so
+# that checking a destination (`check_replaceable`) does not import TensorFlow.
 
 __all__ = [
     "FORMAT",
@@ -114,7 +116,7 @@ def _move_into_place(tmp: Path, path: Path, force: bool) -> None:
 
 
 def save_model_dir(
-    model: NAFDensityModel,
+    model: "NAFDensityModel",
     path: "str | os.PathLike",
     *,
     metadata: "dict[str, Any] | None" = None,
@@ -139,6 +141,8 @@ def save_model_dir(
       ModelDirError: `path` exists (without `force`), or is something other
         than a model folder or an empty folder.
     """
+    from tfp_naf.export import export_saved_model
+
     path = Path(path).absolute()
     check_replaceable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,10 @@ def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[st
     Raises:
       ModelDirError: when `path` is not a complete, valid model folder.
     """
+    import tensorflow as tf
+
+    from tfp_naf.keras import NAFDensityModel
+
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"{path}: no such model folder.")
