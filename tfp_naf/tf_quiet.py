@@ -29,7 +29,7 @@ import tempfile
 __all__ = ["import_tensorflow", "quiet_python_logging"]
 
 # absl's prefix: severity letter, MMDD, time, thread id, file:line].
-_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^ ]+:\d+\] ")
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^ ]+:\d+\] ")
 _ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called"
 _LEVELS = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
 
@@ -55,6 +55,13 @@ def filter_log(text: bytes, min_level: int) -> bytes:
     return b"".join(kept)
 
 
+def _fileno(stream) -> "int | None":
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def import_tensorflow():
     """Imports and returns `tensorflow`, filtering its load-time C++ logging."""
     if "tensorflow" in sys.modules:
@@ -67,11 +74,20 @@ def import_tensorflow():
         import tensorflow
 
         return tensorflow
-    with tempfile.TemporaryFile() as captured:
+    # Only what C++ writes to the file descriptor is captured: Python's own
+    # sys.stderr goes on to the terminal meanwhile (through a copy of the descriptor).
+    python_stderr = sys.stderr
+    with tempfile.TemporaryFile() as captured, os.fdopen(
+        os.dup(saved), "w", buffering=1, encoding=getattr(python_stderr, "encoding", None),
+        errors="backslashreplace",
+    ) as direct:
         os.dup2(captured.fileno(), 2)
+        if _fileno(python_stderr) == 2:
+            sys.stderr = direct
         try:
             import tensorflow
         finally:
+            sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
