@@ -90,23 +90,51 @@ def _env() -> dict:
     return env
 
 
-def _cli(args, cwd: Path, pythonpath: str, timeout: float = 3600) -> dict:
-    """Runs `tfp-naf args` in a fresh process; wall time, peak memory, log lines."""
+def _peak_kb(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cli(args, cwd: Path, pythonpath: str, timeout: float = 1500) -> dict:
+    """Runs `tfp-naf args` in a fresh process; wall time, peak memory, log lines.
+
+    The peak is the process's own VmHWM at exit; a case that runs past
+    `timeout` seconds is killed and reported with the peak polled so far.
+    """
     report = cwd / ".measure.json"
     report.unlink(missing_ok=True)
     env = _env()
     env["PYTHONPATH"] = pythonpath
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _WRAPPER, str(report), *map(str, args)],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    seconds = time.perf_counter() - start
-    measured = json.loads(report.read_text()) if report.exists() else {"rc": result.returncode}
-    output = result.stdout + result.stderr
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(report), *map(str, args)],
+                                 cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        polled, timed_out = 0, False
+        while child.poll() is None:
+            polled = max(polled, _peak_kb(child.pid))
+            if time.perf_counter() - start > timeout:
+                child.kill()
+                child.wait()
+                timed_out = True
+                break
+            time.sleep(0.5)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    measured = json.loads(report.read_text()) if report.exists() else {}
+    output = stdout + stderr
     return {
         "args": [str(a) for a in args], "seconds": round(seconds, 2),
-        "peak_rss_mb": round(measured.get("vmhwm_kb", 0) / 1024, 1), "rc": result.returncode,
+        "peak_rss_mb": round(max(measured.get("vmhwm_kb", 0), polled) / 1024, 1),
+        "rc": child.returncode, "timed_out": timed_out,
         "tf_log_lines": len(TF_LOG.findall(output)),
-        "stderr_tail": result.stderr.strip().splitlines()[-3:],
+        "stderr_tail": stderr.strip().splitlines()[-3:],
     }
 
 

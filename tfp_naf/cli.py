@@ -232,10 +232,11 @@ def _log_prob(model, x, c=None, batch_size: int = BATCH_SIZE) -> np.ndarray:
 
 
 def _load(path: Path):
-    _tensorflow()
-    from tfp_naf.model_io import ModelDirError, load_model_dir
+    from tfp_naf.model_io import ModelDirError, load_model_dir, read_model_config
 
     try:
+        read_model_config(path)  # A bad folder is refused before TensorFlow loads.
+        _tensorflow()
         return load_model_dir(path)
     except ModelDirError as e:
         raise CLIError(str(e)) from None

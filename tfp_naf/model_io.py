@@ -40,6 +40,7 @@ __all__ = [
     "check_replaceable",
     "is_model_dir",
     "load_model_dir",
+    "read_model_config",
     "save_model_dir",
 ]
 
@@ -168,16 +169,13 @@ def save_model_dir(
     return path
 
 
-def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[str, Any]]":
-    """Reads a model folder: `(model, config)`, `config` as in `config.json`.
+def read_model_config(path: "str | os.PathLike") -> "dict[str, Any]":
+    """A model folder's `config.json`, checked (format and version),
+    without importing TensorFlow.
 
     Raises:
-      ModelDirError: when `path` is not a complete, valid model folder.
+      ModelDirError: when `path` is not a model folder of this format.
     """
-    import tensorflow as tf
-
-    from tfp_naf.keras import NAFDensityModel
-
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"{path}: no such model folder.")
@@ -194,6 +192,21 @@ def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[st
             f"{path} has model format version {config.get('version')!r}; this tfp_naf "
             f"reads version {VERSION}."
         )
+    return config
+
+
+def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[str, Any]]":
+    """Reads a model folder: `(model, config)`, `config` as in `config.json`.
+
+    Raises:
+      ModelDirError: when `path` is not a complete, valid model folder.
+    """
+    config = read_model_config(path)
+    path = Path(path)
+    import tensorflow as tf
+
+    from tfp_naf.keras import NAFDensityModel
+
     try:
         model = NAFDensityModel(**config["model"])
     except (KeyError, TypeError, ValueError) as e:
