@@ -109,6 +109,13 @@ def test_npy_is_memory_mapped_and_spooled_without_a_copy(tmp_path):
     assert [chunk.dtype for chunk in table.chunks()] == [np.float64] * 3
     spooled = spool_table(table, tmp_path)
     assert spooled is table.array
+    # Passes in order read the file (C order) or slice the map (Fortran order): same rows.
+    for order in ("C", "F"):
+        y = np.asarray(np.random.default_rng(4).normal(size=(23, 3)), order=order)
+        np.save(tmp_path / f"{order}.npy", y)
+        chunks = list(open_table(tmp_path / f"{order}.npy", chunk_rows=5).chunks())
+        assert [len(chunk) for chunk in chunks] == [5, 5, 5, 5, 3]
+        np.testing.assert_array_equal(np.concatenate(chunks), y)
     one_d = tmp_path / "v.npy"
     np.save(one_d, np.arange(5.0))
     assert open_table(one_d).array.shape == (5, 1)

@@ -434,7 +434,7 @@ def _condition(text: str, size: int, n: int, scratch: str):
                            f"condition has {size}.")
         if table.n_rows is not None and table.n_rows not in (1, n):
             raise CLIError(f"--condition has {table.n_rows} rows; give 1 or n = {n}.")
-        c = spool_table(table, scratch)
+        c = spool_table(table, scratch, dtype=np.float64)  # Written back as read.
         if len(c) not in (1, n):
             raise CLIError(f"--condition has {len(c)} rows; give 1 or n = {n}.")
         return np.asarray(c[0], np.float64) if len(c) == 1 else c

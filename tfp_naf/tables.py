@@ -1,14 +1,14 @@
 """Tables on disk: `.npy` and `.csv`, read and written in chunks (bounded memory).
 
 Reading (`open_table`): a `.npy` file is memory-mapped (`np.load(...,
-mmap_mode="r")`), a `.csv` file is parsed `chunk_rows` lines at a time by
-NumPy's C parser (`np.loadtxt` on the chunk's lines); only a chunk that the
-fast parser refuses is parsed again cell by cell, to name the first bad line
-exactly. No new dependency: NumPy's parser reads a 1,000,000 x 10 CSV in a
-few seconds (`benchmarks/scaling.py`). Every row is checked: a wrong column
-count, a non-numeric cell and NaN/inf rows are refused with one-line
-`TableError`s giving the CSV line number; for NaN/inf the whole file is
-scanned first, so the message also says how many rows are bad.
+mmap_mode="r")`; passes in order read the file instead), a `.csv` file is
+parsed `chunk_rows` lines at a time by NumPy's C parser (`np.loadtxt` on the
+chunk's lines); only a chunk that the fast parser refuses is parsed again cell
+by cell, to name the first bad line exactly. No new dependency: NumPy's parser
+reads a 1,000,000 x 10 CSV in a few seconds (`benchmarks/scaling.py`).
+Every row is checked: a wrong column count, a non-numeric cell and NaN/inf
+rows are refused with one-line `TableError`s giving the CSV line number; for
+NaN/inf the whole file is scanned first, so the message also says how many rows are bad.
 
 A CSV file is numbers separated by commas, one row per line, with an optional
 header line (the first non-blank line, if any of its cells is not a number);
@@ -108,6 +108,9 @@ class Table:
             raise TableError(f"{path}: no data (shape {values.shape}).")
         self._array = values
         self.n_rows, self.n_columns = values.shape
+        # Sequential passes read the file rather than the map: pages of a map that
+        # has been read count towards the process's resident memory.
+        self._offset = getattr(values, "offset", None) if values.flags.c_contiguous else None
 
     @property
     def array(self):
@@ -192,6 +195,22 @@ class Table:
             except UnicodeDecodeError:
                 raise TableError(f"{self.path}: not a text CSV file.") from None
 
+    def _npy_chunks(self, rows: int) -> Iterator["tuple[np.ndarray, None]"]:
+        values = self._array
+        if self._offset is None:  # Not a plain C-ordered map: slice it.
+            for i in range(0, self.n_rows, rows):
+                yield np.asarray(values[i:i + rows], np.float64), None
+            return
+        dtype, width = values.dtype, self.n_columns
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            for i in range(0, self.n_rows, rows):
+                k = min(rows, self.n_rows - i)
+                block = np.fromfile(f, dtype=dtype, count=k * width)
+                if block.size != k * width:
+                    raise TableError(f"{self.path}: the file ends before its last row.")
+                yield block.reshape(k, width).astype(np.float64), None
+
     # -- Both
 
     def chunks(self, rows: "int | None" = None) -> Iterator[np.ndarray]:
@@ -203,8 +222,7 @@ class Table:
         """
         rows = int(rows or self.chunk_rows)
         if self.kind == "npy":
-            source = ((np.asarray(self._array[i:i + rows], np.float64), None)
-                      for i in range(0, self.n_rows, rows))
+            source = self._npy_chunks(rows)
         else:
             source = self._csv_chunks(rows)
         done = 0
