@@ -2,21 +2,33 @@
 
 ```none
 tfp-naf demo [--out DIR] [--dataset NAME] [--steps N] [--seed S]
-tfp-naf fit DATA --out DIR [--conditional-columns I,J] [--epochs N] ...
-tfp-naf sample DIR -n N --out FILE [--seed S] [--condition FILE|V1,V2,...]
-tfp-naf log-prob DIR DATA --out FILE
+tfp-naf fit DATA --out DIR [--conditional-columns I,J] [--epochs N] [--weight-decay W] ...
+tfp-naf sample DIR -n N --out FILE [--seed S] [--condition FILE|V1,V2,...] [--batch-size B]
+tfp-naf log-prob DIR DATA --out FILE [--batch-size B]
 ```
 
 DATA and FILE are `.npy` (a 2-D numeric array) or `.csv` (comma-separated
 numbers, with an optional header row). Every error is reported as one line on
 stderr with exit status 1 (2 for bad command-line syntax), without a traceback.
+
+Memory stays bounded whatever the number of rows (`tfp_naf.tables`):
+`sample` and `log-prob` work `--batch-size` rows at a time (one compiled
+function per job, the last batch padded) and append each batch to a temporary
+file that is renamed into place at the end; `fit` memory-maps a `.npy` file,
+parses a CSV file in chunks into a temporary raw file it memory-maps (in the
+system's temporary folder, `TMPDIR`), computes the standardisation in one
+pass over the training rows, and trains from a `tf.data` pipeline that
+gathers each batch's rows by index (validation rows are a set of indices, not
+a copy). On a terminal, long jobs show a progress line on stderr.
+
+`--help` and bad options answer without importing TensorFlow; TensorFlow's
+start-up logging is filtered (`tfp_naf.tf_quiet`; `TF_CPP_MIN_LOG_LEVEL`, 3
+unless set, says which levels show).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -28,82 +40,27 @@ from pathlib import Path
 
 import numpy as np
 
+from tfp_naf.progress import Progress
+from tfp_naf.tables import DEFAULT_CHUNK_ROWS, TableError, TableWriter, open_table, spool_table
+
 __all__ = ["main"]
 
 PROG = "tfp-naf"
+BATCH_SIZE = 16384  # Rows per compiled batch for sample/log-prob (= batching.DEFAULT_BATCH_SIZE).
+CHUNK_ROWS = DEFAULT_CHUNK_ROWS  # Rows per chunk when reading a table.
 
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 1."""
 
 
-# ---- Tables: .npy and .csv -----------------------------------------------
+def _tensorflow():
+    """Imports TensorFlow quietly (see `tfp_naf.tf_quiet`); returns the module."""
+    from tfp_naf import tf_quiet
 
-
-def _parse_csv(path: Path) -> "tuple[np.ndarray, list[str] | None]":
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise CLIError(f"{path}: not a text CSV file.") from None
-    rows = [(i, row) for i, row in enumerate(csv.reader(io.StringIO(text)), start=1)
-            if row and any(cell.strip() for cell in row)]
-    header = None
-    if rows:
-        try:
-            [float(cell) for cell in rows[0][1]]
-        except ValueError:
-            header = [cell.strip() for cell in rows[0][1]]
-            rows = rows[1:]
-    if not rows:
-        raise CLIError(f"{path}: no data rows.")
-    width = len(header) if header is not None else len(rows[0][1])
-    values = np.empty((len(rows), width))
-    for r, (line, row) in enumerate(rows):
-        if len(row) != width:
-            raise CLIError(f"{path} line {line}: {len(row)} columns, expected {width}.")
-        for j, cell in enumerate(row):
-            try:
-                values[r, j] = float(cell)
-            except ValueError:
-                raise CLIError(
-                    f"{path} line {line}, column {j + 1}: {cell.strip()!r} is not a number."
-                ) from None
-    return values, header
-
-
-def read_table(path: "str | os.PathLike", what: str = "data") -> "tuple[np.ndarray, list | None]":
-    """A finite, non-empty float64 `[rows, columns]` array and the CSV header (or None)."""
-    path = Path(path)
-    if not path.exists():
-        raise CLIError(f"{what} file {path}: no such file.")
-    if path.is_dir():
-        raise CLIError(f"{what} file {path} is a folder.")
-    suffix = path.suffix.lower()
-    header = None
-    if suffix == ".csv":
-        values, header = _parse_csv(path)
-    elif suffix == ".npy":
-        try:
-            values = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise CLIError(f"{path}: not a readable .npy array ({e}).") from None
-        if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
-            raise CLIError(f"{path}: the array is not numeric (dtype {values.dtype}).")
-        if values.ndim == 1:
-            values = values[:, None]
-        if values.ndim != 2:
-            raise CLIError(f"{path}: expected a 2-D array [rows, columns]; got {values.shape}.")
-        values = values.astype(np.float64)
-    else:
-        raise CLIError(f"{path}: unsupported file type {suffix!r}; use .npy or .csv.")
-    if values.shape[0] == 0 or values.shape[1] == 0:
-        raise CLIError(f"{path}: no data (shape {values.shape}).")
-    bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
-    if bad.size:
-        raise CLIError(
-            f"{path}: {bad.size} row(s) contain NaN or inf (first: data row {bad[0] + 1})."
-        )
-    return values, header
+    tf = tf_quiet.import_tensorflow()
+    tf_quiet.quiet_python_logging()
+    return tf
 
 
 def _check_out_file(path: Path, force: bool) -> None:
@@ -115,25 +72,6 @@ def _check_out_file(path: Path, force: bool) -> None:
         raise CLIError(f"--out {path} already exists; use --force to overwrite it.")
     if not path.parent.is_dir():
         raise CLIError(f"--out {path}: the folder {path.parent} does not exist.")
-
-
-def write_table(path: Path, values: np.ndarray, header: "list[str] | None" = None) -> None:
-    """Writes `values` as .npy or .csv (by extension), atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private (0600).
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix.lower() == ".npy":
-                np.save(f, values)
-            else:
-                np.savetxt(f, np.atleast_2d(values.T).T, delimiter=",", fmt="%.9g",
-                           header=",".join(header) if header else "", comments="")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---- Argument parsing -----------------------------------------------------
@@ -160,6 +98,16 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value
     return parse
+
+
+def _non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, units: int) -> None:
@@ -214,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive(float), default=1e-3, help="(default %(default)s)")
     p.add_argument("--clipnorm", type=_positive(float), default=5.0,
                    help="global gradient-norm clipping (default %(default)s)")
+    p.add_argument("--weight-decay", type=_non_negative, default=0.0, metavar="W",
+                   help="decoupled weight decay (AdamW): each step multiplies every weight "
+                   "by 1 - lr * W; 0 = plain Adam (default %(default)s)")
     p.add_argument("--validation-split", type=float, default=0.1,
                    help="fraction of rows held out for early stopping (default %(default)s)")
     p.add_argument("--patience", type=_positive(int), default=10,
@@ -225,7 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p, flows=5, hidden="64,64", units=16)
 
-    p = sub.add_parser("sample", help="draw samples from a model folder")
+    batch_help = ("rows per compiled batch; memory grows with it, not with the number "
+                  "of rows (default %(default)s)")
+    p = sub.add_parser("sample", help="draw samples from a model folder",
+                       description="Draws -n samples in batches of --batch-size and writes "
+                       "them to --out as they come (memory does not grow with -n). Batch k "
+                       "uses the noise of seed (--seed, k): the same --seed and --batch-size "
+                       "give the same samples; jobs of more than one batch run the inverse "
+                       "XLA-compiled (the same samples up to float rounding).")
     p.add_argument("model", type=Path, metavar="DIR")
     p.add_argument("-n", type=_positive(int), required=True, help="number of samples")
     p.add_argument("--out", type=Path, required=True, help=".npy or .csv file to write")
@@ -233,13 +191,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", default=None, metavar="FILE|V1,V2,...",
                    help="conditional models: one condition (comma-separated values), or a "
                    ".npy/.csv file with 1 or n rows")
+    p.add_argument("--batch-size", type=_positive(int), default=BATCH_SIZE, help=batch_help)
     p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
 
-    p = sub.add_parser("log-prob", help="log-density of each row of DATA under a model")
+    p = sub.add_parser("log-prob", help="log-density of each row of DATA under a model",
+                       description="Writes log p(x | c) of each row of DATA (nats, data "
+                       "units) to --out, reading DATA in chunks and evaluating --batch-size "
+                       "rows at a time (memory does not grow with the number of rows).")
     p.add_argument("model", type=Path, metavar="DIR")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("--out", type=Path, required=True, help=".npy or .csv file to write")
+    p.add_argument("--batch-size", type=_positive(int), default=BATCH_SIZE, help=batch_help)
     p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
 
@@ -258,34 +223,32 @@ def _settings(args) -> dict:
             if k not in skip}
 
 
-def _batched_log_prob(model, x, c=None, batch: int = 4096) -> np.ndarray:
-    dtype = model.dtype
-    out = []
-    for i in range(0, len(x), batch):
-        xi = x[i:i + batch].astype(dtype)
-        ci = None if c is None else c[i:i + batch].astype(dtype)
-        out.append(model.log_prob(xi, ci).numpy())
-    return np.concatenate(out).astype(np.float64)
+def _log_prob(model, x, c=None, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """`log p(x | c)` of array-likes `x` (and `c`), batched, as float64."""
+    from tfp_naf.batching import iter_log_prob
+
+    parts = list(iter_log_prob(model, x, c, batch_size=batch_size))
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros([0])
 
 
 def _load(path: Path):
-    from tfp_naf.model_io import ModelDirError, load_model_dir
+    from tfp_naf.model_io import ModelDirError, load_model_dir, read_model_config
 
     try:
+        read_model_config(path)  # A bad folder is refused before TensorFlow loads.
+        _tensorflow()
         return load_model_dir(path)
     except ModelDirError as e:
         raise CLIError(str(e)) from None
 
 
-def _split_columns(values: np.ndarray, layout: dict, path: Path):
+def _check_columns(n_columns: int, layout: dict, path: Path) -> None:
     total = layout["total"]
-    if values.shape[1] != total:
+    if n_columns != total:
         raise CLIError(
-            f"{path}: {values.shape[1]} columns, but the model was fitted to {total} "
+            f"{path}: {n_columns} columns, but the model was fitted to {total} "
             f"(x columns {layout['x']}, condition columns {layout['c']})."
         )
-    c = values[:, layout["c"]] if layout["c"] else None
-    return values[:, layout["x"]], c
 
 
 def _fit_callbacks(tf_keras, has_validation: bool, patience: int):
@@ -294,6 +257,88 @@ def _fit_callbacks(tf_keras, has_validation: bool, patience: int):
         callbacks.append(tf_keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True))
     return callbacks
+
+
+class _Rows:
+    """Rows `rows` and columns `columns` of `values` (e.g. a memory map), sliceable
+    like an array; a slice gathers just its rows."""
+
+    def __init__(self, values, rows: np.ndarray, columns: "list[int]"):
+        self.values, self.rows, self.columns = values, rows, columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return np.asarray(self.values[self.rows[index]])[:, self.columns]
+
+
+def _dataset(tf, values, rows: np.ndarray, x_cols, c_cols, batch_size: int,
+             seed: "int | None"):
+    """A `tf.data.Dataset` of the batches of `values[rows]` (`x` or `{"x", "c"}`).
+
+    Each pass (epoch) visits `rows` in a new order drawn from `[seed, epoch]`
+    (in order when `seed` is None); a batch's rows are gathered from `values`
+    by index, so nothing is copied beyond one batch.
+    """
+    dtype = np.float32
+    epochs = iter(range(2**62))
+
+    def batches():
+        order = rows
+        if seed is not None:
+            order = np.random.default_rng([seed, next(epochs)]).permutation(rows)
+        for start in range(0, len(order), batch_size):
+            block = np.asarray(values[np.sort(order[start:start + batch_size])], dtype)
+            x = block[:, x_cols]
+            yield {"x": x, "c": block[:, c_cols]} if c_cols else x
+
+    x_spec = tf.TensorSpec([None, len(x_cols)], tf.float32)
+    spec = {"x": x_spec, "c": tf.TensorSpec([None, len(c_cols)], tf.float32)} if c_cols else x_spec
+    steps = math.ceil(len(rows) / batch_size)
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    # Several workers (TF_CONFIG): each runs this same generator and takes its
+    # share of every global batch.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+
+
+def _train_moments(values, is_validation: np.ndarray, x_cols, c_cols):
+    """Column means and stds of the training rows, in one pass over `values`."""
+    from tfp_naf.tables import ColumnMoments
+
+    x_moments, c_moments = ColumnMoments(), ColumnMoments()
+    for start in range(0, len(values), CHUNK_ROWS):
+        block = np.asarray(values[start:start + CHUNK_ROWS], np.float64)
+        block = block[~is_validation[start:start + CHUNK_ROWS]]
+        x_moments.update(block[:, x_cols])
+        if c_cols:
+            c_moments.update(block[:, c_cols])
+    return ((x_moments.mean, x_moments.std)
+            + ((c_moments.mean, c_moments.std) if c_cols else (None, None)))
+
+
+def _build_model(args, event_size: int, conditional_size: "int | None", steps: int,
+                 standardization):
+    """The model, standardised and compiled (all in one place: a distribution
+    strategy's `scope()` can wrap this call)."""
+    import tf_keras
+
+    from tfp_naf.keras import NAFDensityModel
+
+    model = NAFDensityModel(event_size=event_size, conditional_size=conditional_size,
+                            **_model_kwargs(args))
+    model.set_standardization(*standardization)
+    schedule = tf_keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=0.1)
+    if args.weight_decay > 0:
+        optimizer = tf_keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay,
+                                              global_clipnorm=args.clipnorm)
+    else:
+        optimizer = tf_keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm)
+    model.compile(optimizer=optimizer)
+    return model
 
 
 # ---- Commands -------------------------------------------------------------
@@ -314,8 +359,8 @@ def cmd_fit(args) -> int:
         raise CLIError(str(e)) from None
     if not 0.0 <= args.validation_split < 1.0:
         raise CLIError(f"--validation-split must be in [0, 1); got {args.validation_split}.")
-    values, header = read_table(args.data)
-    total = values.shape[1]
+    table = open_table(args.data, chunk_rows=CHUNK_ROWS)
+    total = table.n_columns
     c_cols = sorted(set(args.conditional_columns or []))
     if c_cols and c_cols[-1] >= total:
         raise CLIError(f"--conditional-columns {c_cols}: DATA has only {total} columns "
@@ -323,62 +368,74 @@ def cmd_fit(args) -> int:
     x_cols = [j for j in range(total) if j not in c_cols]
     if not x_cols:
         raise CLIError("--conditional-columns leaves no columns to model.")
-    n_val = int(round(args.validation_split * len(values)))
-    if len(values) - n_val < 2:
-        raise CLIError(f"{args.data}: too few rows ({len(values)}) to fit.")
+    with tempfile.TemporaryDirectory(prefix="tfp-naf-fit-") as scratch:
+        with Progress(table.n_rows, f"reading {args.data.name}",
+                      enabled=not args.quiet) as progress:
+            values = spool_table(table, scratch, progress=progress.update)
+        return _fit(args, values, table.header, x_cols, c_cols)
 
+
+def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]") -> int:
+    n = len(values)
+    n_val = int(round(args.validation_split * n))
+    if n - n_val < 2:
+        raise CLIError(f"{args.data}: too few rows ({n}) to fit.")
+    index = np.int32 if n < 2**31 else np.int64
+    perm = np.random.default_rng(args.seed).permutation(n).astype(index)
+    val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    del perm
+    is_validation = np.zeros(n, bool)
+    is_validation[val_rows] = True
+    standardization = _train_moments(values, is_validation, x_cols, c_cols)
+    del is_validation
+
+    tf = _tensorflow()
     import tf_keras
 
-    from tfp_naf.keras import NAFDensityModel
-    from tfp_naf.model_io import save_model_dir
+    from tfp_naf import distribute
+    from tfp_naf.model_io import ModelDirError, save_model_dir
 
     strategy = distribute.strategy_from_environment()  # Before any other TF operation.
     tf_keras.utils.set_random_seed(args.seed)
-    perm = np.random.default_rng(args.seed).permutation(len(values))
-    val_rows, train_rows = perm[:n_val], perm[n_val:]
-    x, c = values[:, x_cols].astype(np.float32), values[:, c_cols].astype(np.float32)
-
-    def inputs(rows):
-        return {"x": x[rows], "c": c[rows]} if c_cols else x[rows]
-
+    steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
     with strategy.scope():  # --batch-size is the global batch, split over all replicas.
-        model = NAFDensityModel(event_size=len(x_cols),
-                                conditional_size=len(c_cols) or None, **_model_kwargs(args))
-        model.adapt(x[train_rows], c[train_rows] if c_cols else None)
-        steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
-        schedule = tf_keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=0.1)
-        model.compile(optimizer=tf_keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm))
+        model = _build_model(args, len(x_cols), len(c_cols) or None, steps, standardization)
+    train = _dataset(tf, values, train_rows, x_cols, c_cols, args.batch_size, seed=args.seed)
+    validation = (_dataset(tf, values, val_rows, x_cols, c_cols, max(args.batch_size, 4096),
+                           seed=None) if n_val else None)
     start = time.perf_counter()
     history = model.fit(
-        inputs(train_rows), batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
-        validation_data=(inputs(val_rows),) if n_val else None,
+        train, epochs=args.epochs, validation_data=validation,
         callbacks=_fit_callbacks(tf_keras, n_val > 0, args.patience),
         verbose=0 if args.quiet else "auto",
     )
     seconds = time.perf_counter() - start
 
     def nll(rows):
-        return float(-np.mean(_batched_log_prob(
-            model, x[rows], c[rows] if c_cols else None))) if len(rows) else None
+        if not len(rows):
+            return None
+        c = _Rows(values, rows, c_cols) if c_cols else None
+        return float(-np.mean(_log_prob(model, _Rows(values, rows, x_cols), c)))
 
     metrics = {
         "train_nll": nll(train_rows), "validation_nll": nll(val_rows),
         "epochs": len(history.history["loss"]), "fit_seconds": round(seconds, 2),
         "n_train": len(train_rows), "n_validation": n_val,
         "replicas": strategy.num_replicas_in_sync,
+        "optimizer": type(model.optimizer).__name__,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "settings": _settings(args),
     }
     if not np.isfinite(metrics["train_nll"]):
         raise CLIError("training diverged (non-finite NLL); try a smaller --lr.")
-    layout = {"total": total, "x": x_cols, "c": c_cols, "header": header}
+    layout = {"total": len(x_cols) + len(c_cols), "x": x_cols, "c": c_cols, "header": header}
     try:  # Every worker saves (saving may all-reduce); the others' copies are deleted.
         with distribute.chief_path(args.out) as out:
             save_model_dir(model, out, metadata={"columns": layout}, metrics=metrics,
                            saved_model=args.saved_model, force=args.force)
     except ModelDirError as e:
         raise CLIError(str(e)) from None
-    if not chief:
+    if not distribute.is_chief():
         print(f"train NLL {metrics['train_nll']:.4f}; worker done (the chief writes {args.out})")
         return 0
     print(f"train NLL {metrics['train_nll']:.4f}"
@@ -387,23 +444,30 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _condition(text: str, size: int, n: int) -> np.ndarray:
+def _condition(text: str, size: int, n: int, scratch: str):
+    """The condition: `[size]` (one for all rows) or an array-like `[n, size]`."""
     if text.lower().endswith((".npy", ".csv")):
-        c, _ = read_table(text, what="condition")
-    else:
-        try:
-            c = np.array([[float(v) for v in text.split(",")]])
-        except ValueError:
-            raise CLIError(f"--condition {text!r}: expected comma-separated numbers "
-                           "or a .npy/.csv file.") from None
-        if not np.all(np.isfinite(c)):
-            raise CLIError(f"--condition {text!r}: values must be finite.")
-    if c.shape[1] != size:
-        raise CLIError(f"--condition has {c.shape[1]} values per row; the model's condition "
+        table = open_table(text, what="condition", chunk_rows=CHUNK_ROWS)
+        if table.n_columns != size:
+            raise CLIError(f"--condition has {table.n_columns} values per row; the model's "
+                           f"condition has {size}.")
+        if table.n_rows is not None and table.n_rows not in (1, n):
+            raise CLIError(f"--condition has {table.n_rows} rows; give 1 or n = {n}.")
+        c = spool_table(table, scratch, dtype=np.float64)  # Written back as read.
+        if len(c) not in (1, n):
+            raise CLIError(f"--condition has {len(c)} rows; give 1 or n = {n}.")
+        return np.asarray(c[0], np.float64) if len(c) == 1 else c
+    try:
+        c = np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        raise CLIError(f"--condition {text!r}: expected comma-separated numbers "
+                       "or a .npy/.csv file.") from None
+    if not np.all(np.isfinite(c)):
+        raise CLIError(f"--condition {text!r}: values must be finite.")
+    if c.size != size:
+        raise CLIError(f"--condition has {c.size} values per row; the model's condition "
                        f"has {size}.")
-    if c.shape[0] not in (1, n):
-        raise CLIError(f"--condition has {c.shape[0]} rows; give 1 or n = {n}.")
-    return np.broadcast_to(c, (n, size))
+    return c
 
 
 def cmd_sample(args) -> int:
@@ -414,27 +478,55 @@ def cmd_sample(args) -> int:
         raise CLIError(f"{args.model} is a conditional model: give --condition.")
     if not model.conditional and args.condition is not None:
         raise CLIError(f"{args.model} is not a conditional model; drop --condition.")
-    c = None if args.condition is None else _condition(
-        args.condition, model.conditional_size, args.n)
-    x = model.sample(args.n, c=None if c is None else c.astype(model.dtype),
-                     seed=args.seed).numpy().astype(np.float64)
-    rows = np.empty((args.n, layout["total"]))
-    rows[:, layout["x"]] = x
-    if c is not None:
-        rows[:, layout["c"]] = c
-    write_table(args.out, rows, layout.get("header"))
+    from tfp_naf.batching import iter_sample
+
+    with tempfile.TemporaryDirectory(prefix="tfp-naf-sample-") as scratch:
+        c = None if args.condition is None else _condition(
+            args.condition, model.conditional_size, args.n, scratch)
+        samples = iter_sample(model, args.n, c=c, seed=args.seed, batch_size=args.batch_size,
+                              jit_compile=args.n > args.batch_size)
+        done = 0
+        with (TableWriter(args.out, columns=layout["total"], rows=args.n,
+                          header=layout.get("header")) as out,
+              Progress(args.n, "sampling", enabled=not args.quiet) as progress):
+            for x in samples:
+                rows = np.empty((len(x), layout["total"]))
+                rows[:, layout["x"]] = x
+                if c is not None:
+                    rows[:, layout["c"]] = c if np.ndim(c) == 1 else c[done:done + len(x)]
+                out.write(rows)
+                done += len(x)
+                progress.update(done)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 
 
 def cmd_log_prob(args) -> int:
     _check_out_file(args.out, args.force)
+    table = open_table(args.data, chunk_rows=CHUNK_ROWS)
     model, config = _load(args.model)
-    values, _ = read_table(args.data)
-    x, c = _split_columns(values, config["columns"], args.data)
-    log_prob = _batched_log_prob(model, x, c)
-    write_table(args.out, log_prob, ["log_prob"])
-    print(f"mean log-prob {np.mean(log_prob):.4f} over {len(log_prob)} rows; wrote {args.out}")
+    layout = config["columns"]
+    _check_columns(table.n_columns, layout, args.data)
+    from tfp_naf.batching import iter_log_prob
+
+    batch = args.batch_size
+    rows_per_chunk = batch * max(1, CHUNK_ROWS // batch)  # Whole batches per chunk.
+    # One compiled shape for the whole job: pad a short last chunk to a full batch
+    # unless the table is known to fit in one smaller batch.
+    pad = table.n_rows is None or table.n_rows > batch
+    total, done = 0.0, 0
+    with (TableWriter(args.out, columns=None, rows=table.n_rows, header=["log_prob"]) as out,
+          Progress(table.n_rows, "log-prob", enabled=not args.quiet) as progress):
+        for chunk in table.chunks(rows_per_chunk):
+            x = chunk[:, layout["x"]]
+            c = chunk[:, layout["c"]] if layout["c"] else None
+            for values in iter_log_prob(model, x, c, batch_size=batch, fixed_batch=pad):
+                values = values.astype(np.float64)
+                out.write(values)
+                total += float(values.sum())
+                done += len(values)
+                progress.update(done)
+    print(f"mean log-prob {total / done:.4f} over {done} rows; wrote {args.out}")
     return 0
 
 
@@ -450,7 +542,7 @@ def _plot(path: Path, model, data: np.ndarray, samples: np.ndarray, title: str) 
     grid = [np.linspace(lo[i], hi[i], 200) for i in range(2)]
     gx, gy = np.meshgrid(*grid)
     points = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    density = np.exp(_batched_log_prob(model, points)).reshape(gx.shape)
+    density = np.exp(_log_prob(model, points)).reshape(gx.shape)
     extent = [lo[0], hi[0], lo[1], hi[1]]
     bins = [np.linspace(lo[i], hi[i], 101) for i in range(2)]
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.5))
@@ -484,7 +576,7 @@ def cmd_demo(args) -> int:
     except ModelDirError as e:
         raise CLIError(str(e)) from None
 
-    import tensorflow as tf
+    tf = _tensorflow()
     import tf_keras
 
     from tfp_naf.keras import NAFDensityModel
@@ -513,8 +605,8 @@ def cmd_demo(args) -> int:
     samples = model.sample(len(test), seed=args.seed).numpy()
     metrics = {
         "dataset": args.dataset,
-        "train_nll": float(-np.mean(_batched_log_prob(model, train))),
-        "test_nll": float(-np.mean(_batched_log_prob(model, test))),
+        "train_nll": float(-np.mean(_log_prob(model, train))),
+        "test_nll": float(-np.mean(_log_prob(model, test))),
         "steps": epochs * steps_per_epoch,
         "fit_seconds": round(fit_seconds, 2),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
@@ -545,10 +637,10 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     start_time = time.perf_counter()
     args = _parser().parse_args(argv)
     args.start_time = start_time
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # As tfp_naf/__init__.py does.
     try:
         return COMMANDS[args.command](args)
-    except CLIError as e:
+    except (CLIError, TableError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

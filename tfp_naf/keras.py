@@ -20,23 +20,34 @@ Keras 3 (`import keras`, or `tf.keras` without `TF_USE_LEGACY_KERAS=1`) cannot
 train these layers: a Keras 3 model does not see the variables of a `tf_keras`
 layer and would silently train nothing. `NAFDensityModel` refuses Keras 3
 optimizers and Keras 3 symbolic inputs, and `check_keras_model` finds our
-layers inside a Keras 3 model; all raise a `TypeError` saying what to do.
+layers inside a Keras 3 model; all raise a `TypeError` saying what to do
+(`tfp_naf.keras3_guard`).
+
+Also here: batched `log_prob` and `sample` (`batch_size=`, compiled once per
+batch size, `tfp_naf.batching`). The SavedModel export lives in
+`tfp_naf.export`; `export_saved_model` and `check_keras_model` are importable
+from this module as well.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_naf.flow import NeuralAutoregressiveFlow
+from tfp_naf.keras3_guard import (
+    KERAS3_HELP,
+    _in_keras3_call,
+    _is_keras3_object,
+    check_keras_model,
+)
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -47,107 +58,6 @@ __all__ = [
     "flow_kwargs",
     "make_flow",
 ]
-
-KERAS3_HELP = (
-    "tfp_naf models are tf_keras (Keras 2) models, as TensorFlow Probability requires. "
-    "Keras 3 cannot train them: a Keras 3 model does not see the weights of a tf_keras "
-    "layer and would train nothing. Use `import tf_keras` (tf_keras.Model, "
-    "tf_keras.optimizers.Adam, tf_keras.callbacks...) instead of `import keras`, or set "
-    "the environment variable TF_USE_LEGACY_KERAS=1 before importing TensorFlow so that "
-    "`tf.keras` is tf_keras."
-)
-
-
-# ---- Keras 3 guards -------------------------------------------------------
-
-
-def _keras3():
-    """The Keras 3 module if it has been imported, else None (never imports it)."""
-    keras = sys.modules.get("keras")
-    version = getattr(keras, "__version__", "")
-    return keras if version.startswith("3") else None
-
-
-def _is_keras3_object(obj) -> bool:
-    keras = _keras3()
-    if keras is None:
-        return False
-    kinds = (keras.Layer, keras.optimizers.Optimizer, keras.KerasTensor, keras.Variable)
-    return isinstance(obj, kinds)
-
-
-def _in_keras3_call() -> bool:
-    """Whether a Keras 3 layer's `__call__` is running (we are inside its `call`)."""
-    if _keras3() is None:
-        return False
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # A Keras 3 layout we do not know: skip this check.
-        return False
-    return global_state.get_global_attribute("current_call_ctx") is not None
-
-
-def _tf_keras_objects(root, limit: int = 10000) -> "list[Any]":
-    """`tf_keras` layers and `tf.Module`s reachable from `root`'s attributes."""
-    found, seen, stack = [], set(), [root]
-    while stack and len(seen) < limit:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if obj is not root and isinstance(obj, (tf_keras.layers.Layer, tf.Module)):
-            found.append(obj)
-            continue
-        if isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
-            stack.extend(vars(obj).values())
-    return found
-
-
-def check_keras_model(model) -> None:
-    """Raises a clear `TypeError` if a Keras 3 model holds tf_keras/TFP layers.
-
-    A Keras 3 model (`keras.Model`, or `tf.keras.Model` without
-    `TF_USE_LEGACY_KERAS=1`) holding a `NAFDensityModel`, a flow or a MADE does
-    not see their variables: it reports no trainable weights and `fit` trains
-    nothing without a word. Call this on any model you build around tfp_naf
-    objects; `NAFDensityModel` runs the same checks on its own inputs and
-    optimizer.
-
-    Args:
-      model: any Keras model (or other object).
-
-    Raises:
-      TypeError: for a Keras 3 model holding tf_keras layers or TFP modules
-        with variables (the message says to use tf_keras instead).
-
-    #### Examples
-
-    ```python
-    import tf_keras
-    from tfp_naf.keras import NAFDensityModel, check_keras_model
-
-    model = NAFDensityModel(event_size=2, num_flows=1, hidden_units=[8])
-    check_keras_model(model)                      # A tf_keras model: fine.
-    ```
-    """
-    if not _is_keras3_object(model):
-        return
-    keras = _keras3()
-    held = [
-        obj for obj in _tf_keras_objects(model)
-        if not isinstance(obj, (keras.Layer, keras.Variable)) and obj.trainable_variables
-    ]
-    if held:
-        names = ", ".join(sorted({type(obj).__name__ for obj in held}))
-        raise TypeError(
-            f"The Keras 3 model {type(model).__name__!r} holds tf_keras/TFP objects "
-            f"({names}) whose variables it cannot train. {KERAS3_HELP}"
-        )
-
 
 # ---- The flow -----------------------------------------------------------
 
@@ -412,7 +322,9 @@ class NAFDensityModel(tf_keras.Model):
     def adapt(self, x, c=None) -> None:
         """Sets the fixed standardisation to the mean and std of `x` (and `c`).
 
-        A column with zero spread keeps scale 1 (it is only shifted).
+        A column with zero spread keeps scale 1 (it is only shifted). For data
+        that does not fit in memory, compute the statistics in one pass
+        (`tfp_naf.tables.ColumnMoments`) and call `set_standardization`.
         """
         x, c = self._check_inputs(x, c)
         for data, mean_var, scale_var in ((x, self.x_mean, self.x_scale),
@@ -423,6 +335,36 @@ class NAFDensityModel(tf_keras.Model):
             std = tf.sqrt(var)
             mean_var.assign(mean)
             scale_var.assign(tf.where(std > 0, std, tf.ones_like(std)))
+
+    def set_standardization(self, x_mean, x_std, c_mean=None, c_std=None) -> None:
+        """Sets the fixed standardisation `x' = (x - x_mean) / x_std` (and `c`'s).
+
+        As `adapt` with the statistics given: a zero `std` becomes scale 1.
+
+        Raises:
+          ValueError: for statistics of the wrong length, non-finite values or
+            a negative `std`, or a condition's statistics missing (or given to
+            an unconditional model).
+        """
+        if self.conditional != (c_mean is not None and c_std is not None):
+            raise ValueError("Give `c_mean` and `c_std` exactly when the model is conditional.")
+        pairs = [(x_mean, x_std, self.x_mean, self.x_scale, "x")]
+        if self.conditional:
+            pairs.append((c_mean, c_std, self.c_mean, self.c_scale, "c"))
+        checked = []
+        for mean, std, mean_var, scale_var, what in pairs:
+            mean = np.asarray(mean, np.float64).reshape(-1)
+            std = np.asarray(std, np.float64).reshape(-1)
+            size = mean_var.shape[0]
+            if mean.shape != (size,) or std.shape != (size,):
+                raise ValueError(f"`{what}_mean` and `{what}_std` must have {size} values; "
+                                 f"got {mean.size} and {std.size}.")
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std >= 0)):
+                raise ValueError(f"`{what}_mean`/`{what}_std` must be finite, std >= 0.")
+            checked.append((mean_var, mean, scale_var, np.where(std > 0, std, 1.0)))
+        for mean_var, mean, scale_var, scale in checked:
+            mean_var.assign(mean.astype(self.dtype))
+            scale_var.assign(scale.astype(self.dtype))
 
     # ---- Densities and samples -------------------------------------------
 
@@ -460,14 +402,32 @@ class NAFDensityModel(tf_keras.Model):
             return {}
         return {"bijector_kwargs": flow_kwargs(self.flow, (c - self.c_mean) / self.c_scale)}
 
-    def log_prob(self, x, c=None) -> tf.Tensor:
-        """`log p(x | c)` in the data's units, shape `x.shape[:-1]`."""
+    def log_prob(self, x, c=None, batch_size: "int | None" = None) -> tf.Tensor:
+        """`log p(x | c)` in the data's units, shape `x.shape[:-1]`.
+
+        Args:
+          x: `[..., D]`.
+          c: for a conditional model, `[..., C]`; else None.
+          batch_size: None: one call. An int: `x` (and `c`) must be `[n, D]`
+            (`[n, C]`) array-likes that slice (NumPy arrays, memory maps);
+            they are evaluated `batch_size` rows at a time by a function
+            compiled once per batch size (`tfp_naf.batching.iter_log_prob`),
+            so memory stays bounded. The values equal one call's up to float
+            rounding.
+        """
+        if batch_size is not None:
+            from tfp_naf import batching
+
+            parts = list(batching.iter_log_prob(self, x, c, batch_size=batch_size))
+            return tf.constant(np.concatenate(parts) if parts else np.zeros([0], self.dtype))
         x, c = self._check_inputs(x, c)
         z = (x - self.x_mean) / self.x_scale
         log_det = -tf.reduce_sum(tf.math.log(self.x_scale))
         return self.flow.log_prob(z, **self._flow_kwargs(c)) + log_det
 
-    def sample(self, n, c=None, seed=None) -> tf.Tensor:
+    def sample(
+        self, n, c=None, seed=None, batch_size: "int | None" = None, jit_compile: bool = False
+    ) -> tf.Tensor:
         """`n` samples `[n, D]`, in data units.
 
         Args:
@@ -476,7 +436,21 @@ class NAFDensityModel(tf_keras.Model):
             samples) or `[n, C]` (one per sample).
           seed: an int (reproducible: the same seed gives the same samples in
             any process, also through `export_saved_model`) or None.
+          batch_size: None: one call. An int: `batch_size` rows at a time,
+            compiled once (`tfp_naf.batching.iter_sample`); batch `k` draws
+            its noise with the stateless seed `[seed, k]`, so the samples are
+            determined by `seed` and `batch_size`, and `n <= batch_size`
+            samples equal the unbatched call's up to float rounding.
+          jit_compile: with `batch_size`: XLA-compile the inverse (faster on
+            a CPU; the noise is the same, the samples differ by rounding).
         """
+        if batch_size is not None:
+            from tfp_naf import batching
+
+            parts = list(batching.iter_sample(self, n, c, seed=seed, batch_size=batch_size,
+                                              jit_compile=jit_compile))
+            return tf.constant(np.concatenate(parts) if parts
+                               else np.zeros([0, self.event_size], self.dtype))
         n = tf.convert_to_tensor(n, tf.int32)
         if c is not None:
             c = tf.broadcast_to(tf.cast(c, self.dtype), tf.stack([n, self.conditional_size]))
@@ -485,6 +459,15 @@ class NAFDensityModel(tf_keras.Model):
             seed = tf.stack([tf.cast(seed, tf.int32), tf.constant(0, tf.int32)])
         z = self.flow.sample(n, seed=seed, **self._flow_kwargs(c))
         return z * self.x_scale + self.x_mean
+
+    def noise_to_data(self, z, c=None) -> tf.Tensor:
+        """Maps base-distribution noise `z` (`[..., D]`) to data units: what
+        `sample` does after drawing `z ~ N(0, I)`.
+        """
+        z = tf.cast(z, self.dtype)
+        _, c = self._check_inputs(tf.zeros([0, self.event_size], self.dtype), c)
+        x = self.flow.bijector.forward(z, **self._flow_kwargs(c).get("bijector_kwargs", {}))
+        return x * self.x_scale + self.x_mean
 
     # ---- Keras hooks -----------------------------------------------------
 
@@ -668,79 +651,5 @@ class NAFDensityModel(tf_keras.Model):
         return tf.math.divide_no_nan(nll_sum, global_total) + regularization / replicas
 
 
-# ---- SavedModel export --------------------------------------------------
-
-
-class _Exported(tf.Module):
-    """The tf.Module written by `export_saved_model` (holds the model's variables)."""
-
-    def __init__(self, model: NAFDensityModel):
-        super().__init__(name="tfp_naf_export")
-        # Track the variables, not the Keras model (whose own SavedModel
-        # serialisation wants a traced `call` and adds nothing here).
-        self.model_variables = list(model.variables)
-        dtype = tf.as_dtype(model.dtype)
-        x_spec = tf.TensorSpec([None, model.event_size], dtype, name="x")
-        n_spec = tf.TensorSpec([], tf.int32, name="n")
-        seed_spec = tf.TensorSpec([], tf.int32, name="seed")
-        if model.conditional:
-            c_spec = tf.TensorSpec([None, model.conditional_size], dtype, name="c")
-
-            def log_prob(x, c):
-                return {"log_prob": model.log_prob(x, c)}
-
-            def sample(n, seed, c):
-                return {"x": model.sample(n, c=c, seed=seed)}
-
-            signatures = ([x_spec, c_spec], [n_spec, seed_spec, c_spec])
-        else:
-
-            def log_prob(x):
-                return {"log_prob": model.log_prob(x)}
-
-            def sample(n, seed):
-                return {"x": model.sample(n, seed=seed)}
-
-            signatures = ([x_spec], [n_spec, seed_spec])
-        # No AutoGraph: the flow's loops are explicit tf.while_loops already.
-        self.log_prob = tf.function(log_prob, input_signature=signatures[0], autograph=False)
-        self.sample = tf.function(sample, input_signature=signatures[1], autograph=False)
-
-
-def export_saved_model(model: NAFDensityModel, path: "str | os.PathLike") -> None:
-    """Writes `model` as a TensorFlow SavedModel that needs no tfp_naf to run.
-
-    The SavedModel has two signatures (also callable as attributes of the
-    loaded object):
-
-    * `log_prob(x[, c])` -> `{"log_prob": [N]}`, with `x: [N, D]`,
-      `c: [N, C]` for a conditional model;
-    * `sample(n, seed[, c])` -> `{"x": [n, D]}`, with int32 scalars `n` and
-      `seed` (the same seed gives the same samples as
-      `model.sample(n, c, seed=seed)`), and `c: [1, C]` or `[n, C]`.
-
-    Only TensorFlow is needed to load it: `tf.saved_model.load(path)`.
-
-    #### Examples
-
-    ```python
-    import tempfile
-    import tensorflow as tf
-    from tfp_naf.keras import NAFDensityModel, export_saved_model
-
-    model = NAFDensityModel(event_size=2, num_flows=1, hidden_units=[8])
-    path = tempfile.mkdtemp() + "/naf"
-    export_saved_model(model, path)
-    loaded = tf.saved_model.load(path)
-    loaded.log_prob(tf.zeros([3, 2]))["log_prob"].shape        # [3]
-    loaded.signatures["sample"](n=tf.constant(4), seed=tf.constant(0))["x"].shape   # [4, 2]
-    ```
-    """
-    if not isinstance(model, NAFDensityModel):
-        raise TypeError(f"`model` must be a NAFDensityModel; got {type(model).__name__}.")
-    module = _Exported(model)
-    tf.saved_model.save(
-        module,
-        os.fspath(path),
-        signatures={"log_prob": module.log_prob, "sample": module.sample},
-    )
+# Public here too (they were defined in this module before it was split).
+from tfp_naf.export import export_saved_model  # noqa: E402

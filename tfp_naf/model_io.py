@@ -26,11 +26,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    from tfp_naf.keras import NAFDensityModel
 
-from tfp_naf.keras import NAFDensityModel, export_saved_model
+# TensorFlow and tfp_naf.keras are imported by the functions that need them, so
+# that checking a destination (`check_replaceable`) does not import TensorFlow.
 
 __all__ = [
     "FORMAT",
@@ -38,6 +40,7 @@ __all__ = [
     "check_replaceable",
     "is_model_dir",
     "load_model_dir",
+    "read_model_config",
     "save_model_dir",
 ]
 
@@ -114,7 +117,7 @@ def _move_into_place(tmp: Path, path: Path, force: bool) -> None:
 
 
 def save_model_dir(
-    model: NAFDensityModel,
+    model: "NAFDensityModel",
     path: "str | os.PathLike",
     *,
     metadata: "dict[str, Any] | None" = None,
@@ -139,6 +142,8 @@ def save_model_dir(
       ModelDirError: `path` exists (without `force`), or is something other
         than a model folder or an empty folder.
     """
+    from tfp_naf.export import export_saved_model
+
     path = Path(path).absolute()
     check_replaceable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,11 +169,12 @@ def save_model_dir(
     return path
 
 
-def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[str, Any]]":
-    """Reads a model folder: `(model, config)`, `config` as in `config.json`.
+def read_model_config(path: "str | os.PathLike") -> "dict[str, Any]":
+    """A model folder's `config.json`, checked (format and version),
+    without importing TensorFlow.
 
     Raises:
-      ModelDirError: when `path` is not a complete, valid model folder.
+      ModelDirError: when `path` is not a model folder of this format.
     """
     path = Path(path)
     if not path.is_dir():
@@ -186,6 +192,21 @@ def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[st
             f"{path} has model format version {config.get('version')!r}; this tfp_naf "
             f"reads version {VERSION}."
         )
+    return config
+
+
+def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[str, Any]]":
+    """Reads a model folder: `(model, config)`, `config` as in `config.json`.
+
+    Raises:
+      ModelDirError: when `path` is not a complete, valid model folder.
+    """
+    config = read_model_config(path)
+    path = Path(path)
+    import tensorflow as tf
+
+    from tfp_naf.keras import NAFDensityModel
+
     try:
         model = NAFDensityModel(**config["model"])
     except (KeyError, TypeError, ValueError) as e:
