@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent("""
                                     **SMALL)
             if adapt:
                 model.adapt(x, c)
-            model.compile(optimizer=tf_keras.optimizers.SGD(0.2, momentum=0.9))
+            model.compile(optimizer=tf_keras.optimizers.SGD(0.05, momentum=0.9))
         return model
 
 
