@@ -1,13 +1,22 @@
-"""Microbenchmark: one DSF / DDSF transformer layer alone, forward and forward+backward.
+"""Microbenchmark: one DSF / DDSF transformer layer alone, against its floor.
 
 The transformer at fixed pseudo-parameters `theta` (`[B, D, P]`, a variable so
 the backward pass has something to differentiate), B=256, D=43, K=16 (DDSF: 2
 layers), float32, in `tf.function` and with `jit_compile=True`. The
 forward+backward pass runs twice: with the library's closed-form gradient of
 the first sigmoidal layer (`tf.custom_gradient`) and with autodiff through the
-same forward ops, so the two can be compared. All variants are timed
-round-robin in one process, 30 rounds after 2 warm-ups, and the medians
-reported: a noisy shared machine then slows every variant alike.
+same forward ops, so the two can be compared.
+
+The floor: the transcendental evaluations the pass needs per unit (one
+sigmoid of one dimension of one batch member, `B * D * K` units per layer),
+counted in `TRANSCENDENTALS`, run as one chain of `tf.exp` / `tf.math.log1p` /
+`tf.math.reciprocal` on a `[B, D, K]` tensor (summed over `K`, as the
+transformer's outputs are). It is what the pass would cost if everything but
+those evaluations were free; `pass / floor` is its distance from it.
+
+All variants and floors are timed round-robin in one process, 30 rounds after
+2 warm-ups, and the medians reported: a noisy shared machine then slows every
+variant alike.
 
     python -m benchmarks.transformers
 """
@@ -24,6 +33,47 @@ from tfp_naf import DeepDenseSigmoidalFlow, DeepSigmoidalFlow, transformers
 
 B, D, K = 256, 43, 16
 ROUNDS = 30
+
+# Transcendental evaluations per unit of one DSF layer (see
+# `transformers._first_layer_parts` and `_first_layer_gradients`): forward,
+# softplus of the slope (exp, log1p), softmax of the mixing logits (exp), the
+# sigmoid pair from exp(-|z|) (exp, reciprocal); backward, softplus' from the
+# forward's exp (reciprocal). Per-row terms (log s', log(1 - s'), ...) are
+# K times rarer and not counted.
+TRANSCENDENTALS = {
+    "forward": {"exp": 3, "log1p": 1, "reciprocal": 1},
+    "forward+backward": {"exp": 3, "log1p": 1, "reciprocal": 2},
+}
+
+
+CHAIN = 8  # Evaluations per element in one timed chain of an operation.
+_OPS = {
+    "exp": lambda v: tf.exp(-tf.abs(v)),
+    "log1p": lambda v: tf.math.log1p(tf.abs(v)),
+    "reciprocal": lambda v: tf.math.reciprocal(1.0 + tf.abs(v)),
+}
+
+
+def op_chain(t: tf.Tensor, op: "str | None") -> tf.Tensor:
+    """`CHAIN` evaluations of `op` per element of `t`, chained, summed over the last axis.
+
+    Each evaluation feeds the next, so none can be skipped. `op=None` is the
+    bare sum (the call, the read of `t` and the reduction), subtracted from
+    the chains to leave the evaluations' own cost.
+    """
+    v = t
+    if op is not None:
+        for _ in range(CHAIN):
+            v = _OPS[op](v)
+    return tf.reduce_sum(v, axis=-1)
+
+
+def floors_ms(ms: dict, mode: str) -> dict:
+    """Floor (ms) of each pass: its counted evaluations at their measured cost, plus a bare call."""
+    bare = ms[("op", "none", mode)]
+    per_eval = {op: max(ms[("op", op, mode)] - bare, 0.0) / CHAIN for op in _OPS}
+    return {name: bare + sum(n * per_eval[op] for op, n in counts.items())
+            for name, counts in TRANSCENDENTALS.items()}
 
 
 @contextlib.contextmanager
@@ -63,6 +113,16 @@ def _functions(transformer, x, theta):
     return fns
 
 
+def _op_functions(units: tf.Tensor) -> dict:
+    fns = {}
+    for jit in (False, True):
+        mode = "jit_compile" if jit else "tf.function"
+        for op in (None, *_OPS):
+            fns[("op", op or "none", mode)] = tf.function(
+                lambda op=op: op_chain(units, op), jit_compile=jit)
+    return fns
+
+
 def _round_robin_ms(fns: dict) -> dict:
     for fn in fns.values():
         for _ in range(2):
@@ -73,16 +133,44 @@ def _round_robin_ms(fns: dict) -> dict:
 def main() -> None:
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=[B, D]).astype("float32"))
-    print("| transformer | params/dim | pass | tf.function (ms) | jit_compile (ms) |")
-    print("|---|---|---|---|---|")
+    units = tf.Variable(rng.normal(size=[B, D, K]).astype("float32"))
+    fns = _op_functions(units)
+    models = {}
     for cls, p in ((DeepSigmoidalFlow, DeepSigmoidalFlow.num_params(K)),
                    (DeepDenseSigmoidalFlow, DeepDenseSigmoidalFlow.num_params(K, 2))):
         theta = tf.Variable(0.3 * rng.normal(size=[B, D, p]).astype("float32"))
         transformer = cls(params=tf.zeros([p]), num_units=K)
-        ms = _round_robin_ms(_functions(transformer, x, theta))
+        models[cls.__name__] = p
+        fns.update({(cls.__name__, *key): fn
+                    for key, fn in _functions(transformer, x, theta).items()})
+    ms = _round_robin_ms(fns)
+    modes = ("tf.function", "jit_compile")
+    floors = {m: floors_ms(ms, m) for m in modes}
+    print(f"Floor (B={B}, D={D}, K={K}; transcendental evaluations per unit: "
+          + "; ".join(f"{n}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+                      for n, c in TRANSCENDENTALS.items()) + ")\n")
+    print("| operation on [B, D, K] | tf.function (ms) | jit_compile (ms) |")
+    print("|---|---|---|")
+    print("| bare call (sum over K) | "
+          + " | ".join(f"{ms[('op', 'none', m)]:.2f}" for m in modes) + " |")
+    for op in _OPS:
+        print(f"| one {op} per element | " + " | ".join(
+            f"{(ms[('op', op, m)] - ms[('op', 'none', m)]) / CHAIN:.3f}" for m in modes) + " |")
+    for name in TRANSCENDENTALS:
+        print(f"| floor of one layer's {name} | "
+              + " | ".join(f"{floors[m][name]:.2f}" for m in modes) + " |")
+    print()
+    print("| transformer | params/dim | pass | tf.function (ms) | jit_compile (ms) "
+          "| / floor (tf.function) | / floor (jit_compile) |")
+    print("|---|---|---|---|---|---|---|")
+    for model, p in models.items():
+        layers = 1 if model == "DeepSigmoidalFlow" else 2
         for name in ("forward", "forward+backward", "forward+backward, autodiff gradient"):
-            print(f"| {cls.__name__} | {p} | {name} | {ms[(name, 'tf.function')]:.1f} | "
-                  f"{ms[(name, 'jit_compile')]:.1f} |", flush=True)
+            floor = "forward" if name == "forward" else "forward+backward"
+            cells = [f"{ms[(model, name, m)]:.2f}" for m in modes]
+            # DDSF: against the floor of as many DSF layers (its own count is larger).
+            ratios = [f"{ms[(model, name, m)] / (layers * floors[m][floor]):.1f}" for m in modes]
+            print(f"| {model} | {p} | {name} | " + " | ".join(cells + ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,15 +104,43 @@ def _slopes(a_raw, min_slope):
     return tf.math.softplus(a_raw + _slope_shift(min_slope, dtype)) + tf.constant(min_slope, dtype)
 
 
-def _squash(w, sig, sig_neg, clip):
+def _slopes_and_exp(a_raw, min_slope):
+    """`(a, e_a, r)`: `a` as in `_slopes`, `e_a = exp(-|r|)`, `r = a_raw + shift`.
+
+    `softplus(r) = max(r, 0) + log1p(e_a)`, and `e_a` also gives its
+    derivative, `sigmoid(r) = (1 or e_a) / (1 + e_a)`, without another
+    exponential (TF's `Softplus` kernel alone took a tenth of DSF's
+    forward+backward pass).
+    """
+    dtype = a_raw.dtype
+    r = a_raw + _slope_shift(min_slope, dtype)
+    e_a = tf.exp(-tf.abs(r))
+    a = tf.maximum(r, 0.0) + tf.math.log1p(e_a) + tf.constant(min_slope, dtype)
+    return a, e_a, r
+
+
+def _softmax_parts(logits):
+    """`(e, 1 / sum e)`, `e = exp(logits - max)`: `softmax = e / sum e` over the last axis.
+
+    Mixtures `softmax . v` are computed as `(e . v) / sum e`, so the
+    normalised weights (a division per weight) are never formed.
+    """
+    e = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+    return e, tf.math.reciprocal(tf.reduce_sum(e, axis=-1))
+
+
+def _squash(w, sig, sig_neg, clip, inv_norm=None):
     """`s'` and `1 - s'` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
 
     `s` and `1 - s` are sums of positive terms, `w . sigmoid(z)` and
     `w . sigmoid(-z)`, so both are accurate in linear space (no cancellation),
-    and `clip / 2` dominates wherever they would underflow.
+    and `clip / 2` dominates wherever they would underflow. With `inv_norm`,
+    `w` holds unnormalised weights and the mixtures are scaled by `inv_norm`.
     """
     dtype = sig.dtype
     keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    if inv_norm is not None:
+        keep = keep * inv_norm
     return keep * _mix(w, sig) + half_clip, keep * _mix(w, sig_neg) + half_clip
 
 
@@ -151,10 +179,12 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
               = exp(-m) sum_k w_k a_k exp(m - |z_k|) / (1 + e_k)^2,
 
     where the last sum is at least `w_k* a_k* / 4` (`k*` the unit nearest its
-    centre), so `log ds/dx` stays finite for any finite `x`.
+    centre), so `log ds/dx` stays finite for any finite `x`. Per unit that is
+    five transcendental evaluations in all: `exp` and `log1p` for the slope's
+    softplus, `exp` for the softmax, `exp(m - |z|)` and one reciprocal.
     """
     dtype = x.dtype
-    a = _slopes(a_raw, min_slope)
+    a, e_a, r = _slopes_and_exp(a_raw, min_slope)
     z = a * x[..., tf.newaxis] + b
     abs_z = tf.abs(z)
     m = tf.reduce_min(abs_z, axis=-1, keepdims=True)
@@ -165,13 +195,13 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
     positive = z >= 0
     sig = tf.where(positive, inv, e_inv)
     sig_neg = tf.where(positive, e_inv, inv)
-    w = tf.nn.softmax(w_logits, axis=-1)
-    s, s_neg = _squash(w, sig, sig_neg, clip)  # s' and 1 - s'
+    ew, inv_norm = _softmax_parts(w_logits)  # softmax(w_logits) = ew * inv_norm
+    s, s_neg = _squash(ew, sig, sig_neg, clip, inv_norm)  # s' and 1 - s'
     log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     q = e_rel * tf.square(inv)  # sigmoid'(z_k) * exp(m)
     t = a * q
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
-    slope_sum = _mix(w, t)
+    slope_sum = _mix(ew, t) * inv_norm
     log_dh = (
         tf.constant(np.log1p(-clip), dtype)
         - log_s
@@ -179,8 +209,8 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
         - m
         + tf.math.log(tf.maximum(slope_sum, tiny))
     )
-    parts = dict(a=a, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, w=w, s=s,
-                 s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
+    parts = dict(a=a, e_a=e_a, r=r, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, ew=ew,
+                 inv_norm=inv_norm, s=s, s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
     return log_s - log_1ms, log_dh, parts
 
 
@@ -202,9 +232,11 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
 
     then through softplus and softmax. `r / a` and `a sigmoid' / D` use the
     `exp(m)`-scaled terms `q` and `t`, so nothing overflows where `D` underflows.
+    Per unit the only transcendental evaluation is one reciprocal (softplus'
+    from the forward's `exp(-|r|)`); everything else is products and sums.
     """
     p = parts
-    w = p["w"]
+    ew, inv_norm = p["ew"], p["inv_norm"]
     dtype = x.dtype
     keep = tf.constant(1.0 - clip, dtype)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
@@ -220,16 +252,20 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
     # Where the slope sum was floored at `tiny`, log dh/dx does not depend on it.
     slope_sum = p["slope_sum"]
     grad_log_slope = tf.where(slope_sum >= tiny, grad_log_dh / tf.maximum(slope_sum, tiny), 0.0)
-    u = tf.reduce_sum(w * grad_s[..., tf.newaxis], axis=-2)  # [..., K]
-    v = tf.reduce_sum(w * grad_log_slope[..., tf.newaxis], axis=-2)
+    # The mixing weights w = ew * inv_norm, folded into the per-output factors.
+    u = tf.reduce_sum(ew * (grad_s * inv_norm)[..., tf.newaxis], axis=-2)  # [..., K]
+    v = tf.reduce_sum(ew * (grad_log_slope * inv_norm)[..., tf.newaxis], axis=-2)
     sig_prime = p["e_inv"] * p["inv"]
     grad_z = u * sig_prime + v * p["t"] * (p["sig_neg"] - p["sig"])
     grad_a = v * p["q"] + grad_z * x[..., tf.newaxis]
-    grad_a_raw = grad_a * tf.sigmoid(a_raw + _slope_shift(min_slope, dtype))  # softplus'
+    e_a = p["e_a"]
+    softplus_prime = tf.where(p["r"] >= 0, tf.ones_like(e_a), e_a) / (1.0 + e_a)  # sigmoid(r)
+    grad_a_raw = grad_a * softplus_prime
     grad_x = tf.reduce_sum(grad_z * p["a"], axis=-1)
     grad_w = (grad_pos[..., tf.newaxis] * p["sig"][..., tf.newaxis, :]
               - grad_neg[..., tf.newaxis] * p["sig_neg"][..., tf.newaxis, :]
               + grad_log_slope[..., tf.newaxis] * p["t"][..., tf.newaxis, :])
+    w = ew * inv_norm[..., tf.newaxis]
     grad_w_logits = w * (grad_w - tf.reduce_sum(w * grad_w, axis=-1, keepdims=True))
     return grad_x, grad_a_raw, grad_z, grad_w_logits
 
@@ -427,19 +463,25 @@ class _SigmoidalTransformer(tfb.Bijector):
         return True
 
     def _split_params(self, params):
-        """Per layer: `(a_raw, b, w_logits, u_logits or None)`."""
+        """Per layer: `(a_raw, b, w_logits, u_logits or None)`.
+
+        One `tf.split` (its gradient is one concatenation) rather than a strided
+        slice per piece, whose gradients would each be a zero-padded tensor of
+        the full size (they took half of DSF's backward pass).
+        """
         k = self._num_units
-        layers, start = [], 0
         batch = ps.shape(params)[:-1]
-        for n_in, n_out in _layer_shapes(k, self._num_layers):
-            sizes = [k, k, n_out * k, k * n_in if n_in > 1 else 0]
-            a_raw, b, w, u = (
-                params[..., start + s0 : start + s0 + s]
-                for s0, s in zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True)
-            )
-            start += sum(sizes)
+        shapes = _layer_shapes(k, self._num_layers)
+        sizes = [size for n_in, n_out in shapes
+                 for size in (k, k, n_out * k, k * n_in if n_in > 1 else 0)]
+        pieces = tf.split(params, [s for s in sizes if s], axis=-1)
+        layers = []
+        for n_in, n_out in shapes:
+            a_raw, b, w = pieces.pop(0), pieces.pop(0), pieces.pop(0)
             w = tf.reshape(w, ps.concat([batch, [n_out, k]], axis=0))
-            u = tf.reshape(u, ps.concat([batch, [k, n_in]], axis=0)) if n_in > 1 else None
+            u = None
+            if n_in > 1:
+                u = tf.reshape(pieces.pop(0), ps.concat([batch, [k, n_in]], axis=0))
             layers.append((a_raw, b, w, u))
         return layers
 
