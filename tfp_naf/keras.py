@@ -495,10 +495,6 @@ class NAFDensityModel(tf_keras.Model):
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """As `tf_keras.Model.compile`; the loss is the mean NLL, so give no `loss`.
 
-        `jit_compile` defaults to True (XLA): the training step is faster with
-        the same numbers (`benchmarks/README.md`, Speed); pass
-        `jit_compile=False` for plain `tf.function`.
-
         Raises:
           TypeError: for a Keras 3 optimizer.
           ValueError: when a `loss` is given.
@@ -513,7 +509,6 @@ class NAFDensityModel(tf_keras.Model):
                 "NAFDensityModel's loss is the negative log-likelihood; compile it "
                 "without `loss`."
             )
-        kwargs.setdefault("jit_compile", True)
         super().compile(optimizer=optimizer, **kwargs)
 
     def _saved_variables(self) -> "list[tf.Variable]":
