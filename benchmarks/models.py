@@ -9,6 +9,9 @@ NAF's default):
   to noise, so the distribution uses `tfb.Invert` of the chain);
 * "naf-dsf-ctx<C>", "naf-ddsf-ctx<C>": the same with the compact conditioner
   (`context_units=C`);
+* "naf-ddsf-shared", "naf-ddsf-shared-ctx<C>": DDSF with shared, learned mixing
+  matrices (`transformer="ddsf-shared"`, the original NAF code's form), with
+  the full or the compact conditioner;
 * "maf": TFP's affine `tfb.MaskedAutoregressiveFlow` with
   `tfb.AutoregressiveNetwork(params=2)`, output layer scaled by 1e-2 (near-identity start);
 * "rqs": `tfb.MaskedAutoregressiveFlow` whose `bijector_fn` builds a
@@ -74,7 +77,7 @@ NAF_KWARGS: dict = {}
 def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
            conditional_size: "int | None" = None, name: str = "naf"):
     """One autoregressive layer and its conditioner."""
-    match = re.fullmatch(r"naf-(dsf|ddsf)(?:-ctx(\d+))?", model)
+    match = re.fullmatch(r"naf-(dsf|ddsf|ddsf-shared)(?:-ctx(\d+))?", model)
     if match:
         naf = tfp_naf.NeuralAutoregressiveFlow(
             event_shape=[event_size],

@@ -1,8 +1,9 @@
 """Speed: NAF log_prob, training step and sampling, as ratios to their references.
 
 Setup (one run, so every ratio compares timings taken side by side): D=43,
-5 layers with reversals, MADE hidden [128, 128], 16 transformer units, batch
-512, float32, weights perturbed from the identity start (masks kept). Each
+5 layers with reversals, MADE hidden [128, 128], 16 transformer units,
+float32, weights perturbed from the identity start (masks kept); log_prob of
+a batch of 4,096, a training step on 512, drawing 512 samples. Each
 operation runs in `tf.function` and with `jit_compile=True`; timings are
 medians of 9 rounds in which every operation and reference runs once in
 turn (round-robin, so load drift on a shared machine hits all alike), after
@@ -11,11 +12,17 @@ warm-up (compilation excluded).
 References: (a) the flow's own 5 conditioners: their forwards (floor of
 log_prob), forward+backward (floor of a training step), and D sequential
 rounds of the 5 forwards (floor of sampling); (b) TFP's affine MAF with the
-same MADE sizes. Also reported: Newton iterations of the inverse per
-dimension, round-trip error, batch-dependent peak memory (max-RSS growth of a fresh process per
-case, as `tf.config.experimental.get_memory_info` does not support CPU).
+same MADE sizes; (c) the floors `floor_log_prob` / `floor_train_step`: the
+conditioners' pass plus, per layer, the DSF transformer's transcendental
+evaluations per unit (`benchmarks.transformers.TRANSCENDENTALS`) as one chain
+of `tf.exp` / `tf.math.log1p` / `tf.math.reciprocal` on a `[N, D, K]` tensor.
+Also reported: Newton iterations of the inverse per dimension, round-trip
+error, batch-dependent peak memory (max-RSS growth of a fresh process per
+case, as `tf.config.experimental.get_memory_info` does not support CPU), and
+(`--ddsf`) DDSF's training step against DSF's at D=43 and D=2, batch 256.
 
     python -m benchmarks.speed [--fast] [--variants naf-dsf,naf-dsf-ctx16] [--no-memory]
+        [--no-ddsf]
 """
 
 from __future__ import annotations
@@ -37,29 +44,39 @@ from benchmarks.train import make_train_step
 from tfp_naf import root_finding
 
 RESULTS = Path(__file__).resolve().parent / "results"
-D, BATCH, HIDDEN, FLOWS = 43, 512, [128, 128], 5
+D, BATCH, HIDDEN, FLOWS, UNITS = 43, 512, [128, 128], 5, 16
+LOG_PROB_BATCH = 4096  # log_prob is timed on a large batch, the training step on BATCH.
 TARGETS = [  # (operation, reference, bound)
     ("log_prob", "cond_fwd", 1.3),
     ("train_step", "cond_fwd_bwd", 1.3),
     ("sample", "cond_sequential", 1.5),
-    ("log_prob", "maf_log_prob", 2.0),
-    ("train_step", "maf_train_step", 2.5),
-    ("sample", "maf_sample", 4.0),
+    ("log_prob", "floor_log_prob", 2.0),
+    ("train_step", "floor_train_step", 2.0),
+    ("log_prob", "maf_log_prob", 5.0),
+    ("train_step", "maf_train_step", 4.0),
+    ("sample", "maf_sample", 1.5),
 ]
 ROUND_TRIP_BOUND = 1e-4
+# DDSF against DSF: training steps at batch 256, D=43 and D=2, side by side.
+DDSF_BATCH, DDSF_DIMS, DDSF_BOUND = 256, (43, 2), 2.0
+DDSF_MODELS = ("naf-dsf", "naf-ddsf-shared-ctx16", "naf-ddsf-shared", "naf-ddsf-ctx16")
 
 
-def _operations(model: str, seed: int = 0, batch: int = BATCH):
-    """Name -> (python function of one tensor, its input) for one model."""
+def _operations(model: str, seed: int = 0, batch: int = BATCH,
+                log_prob_batch: int = LOG_PROB_BATCH, event_size: int = D):
+    """`(ops, dist, to_noise, conds, x, x_big)`: name -> (function of one tensor, its input)."""
     tf.keras.utils.set_random_seed(seed)
-    dist, to_noise, conds = build_flow(model, D, HIDDEN, num_flows=FLOWS)
+    dist, to_noise, conds = build_flow(model, event_size, HIDDEN, num_flows=FLOWS,
+                                       num_units=UNITS)
     perturb(conds, scale=0.1, seed=seed)
-    x = tf.random.normal([batch, D], seed=seed)
+    x = tf.random.normal([batch, event_size], seed=seed)
+    x_big = tf.random.normal([log_prob_batch, event_size], seed=seed + 1)
     z = tf.constant(to_noise.forward(x).numpy())  # Realistic noise for this flow.
     to_data = tfp_invert(to_noise)
     step, _ = make_train_step(dist, learning_rate=1e-6)
-    ops = {"log_prob": (dist.log_prob, x), "train_step": (step, x), "sample": (to_data.forward, z)}
-    return ops, dist, to_noise, conds, x
+    ops = {"log_prob": (dist.log_prob, x_big), "train_step": (step, x),
+           "sample": (to_data.forward, z)}
+    return ops, dist, to_noise, conds, x, x_big
 
 
 def tfp_invert(bijector):
@@ -70,8 +87,16 @@ def tfp_invert(bijector):
     return tfp.bijectors.Invert(bijector)
 
 
-def _conditioner_references(conds, x, naf_layers=None):
+def _floor_units(n: int) -> tf.Variable:
+    """A `[n, D, K]` tensor for the transcendental floors (a variable: nothing constant-folds)."""
+    return tf.Variable(tf.random.normal([n, D, UNITS], seed=3))
+
+
+def _conditioner_references(conds, x, x_big, naf_layers=None):
+    from benchmarks.transformers import TRANSCENDENTALS, chain
+
     variables = [v for c in conds for v in c.trainable_variables]
+    units, units_big = _floor_units(int(x.shape[0])), _floor_units(int(x_big.shape[0]))
 
     def fwd(x):
         return [c(x) for c in conds]
@@ -81,6 +106,12 @@ def _conditioner_references(conds, x, naf_layers=None):
             loss = tf.add_n([tf.reduce_mean(tf.square(c(x))) for c in conds])
         return tape.gradient(loss, variables)
 
+    def floor_log_prob(x):  # The conditioners, plus each transformer's evaluations.
+        return fwd(x), [chain(units_big, TRANSCENDENTALS["forward"]) for _ in conds]
+
+    def floor_train_step(x):
+        return fwd_bwd(x), [chain(units, TRANSCENDENTALS["forward+backward"]) for _ in conds]
+
     def sequential(x):  # D rounds of the 5 forwards, each fed by the last.
         def body(i, x):
             for c in conds:
@@ -89,16 +120,19 @@ def _conditioner_references(conds, x, naf_layers=None):
 
         return tf.while_loop(lambda i, x: i < D, body, (tf.constant(0), x))[1]
 
-    refs = {"cond_fwd": (fwd, x), "cond_fwd_bwd": (fwd_bwd, x),
+    refs = {"cond_fwd": (fwd, x_big), "cond_fwd_bwd": (fwd_bwd, x),
             "cond_sequential": (sequential, x)}
     transformer = getattr(naf_layers[0], "transformer", None) if naf_layers else None
     if transformer is not None:  # Diagnostic: the 5 transformers alone, at fixed theta.
-        thetas = [tf.constant(c(x).numpy()) for c in conds]
+        thetas = [tf.constant(c(x_big).numpy()) for c in conds]
 
         def transformers_only(x):
             return [transformer.forward_and_log_derivative(x, t) for t in thetas]
 
-        refs["transformers_only"] = (transformers_only, x)
+        refs["transformers_only"] = (transformers_only, x_big)
+        if type(transformer).__name__ == "DeepSigmoidalFlow":  # The counts are DSF's.
+            refs["floor_log_prob"] = (floor_log_prob, x_big)
+            refs["floor_train_step"] = (floor_train_step, x)
     return refs
 
 
@@ -179,7 +213,7 @@ def _memory_case(model: str, op: str, jit: bool, batch: int) -> float:
     The first call traces, compiles and runs; the caller subtracts the same
     case at a tiny batch, leaving the memory that grows with the batch.
     """
-    ops, *_ = _operations(model, batch=batch)
+    ops, *_ = _operations(model, batch=batch, log_prob_batch=batch)
     fn, arg = ops[op]
     compiled = tf.function(fn, jit_compile=jit)
     before = _peak_rss_kib()
@@ -218,24 +252,58 @@ def _memory_at(model: str, op: str, jit: bool, batch: int) -> "float | None":
 
 
 def _memory(model: str, op: str, jit: bool) -> "float | None":
-    """Peak memory that grows with the batch: first-call max-RSS growth at 512 minus at 8.
+    """Batch-dependent peak memory: first-call max-RSS growth at the op's batch minus at 8.
 
     Each measurement runs in a fresh process (max RSS never goes down);
     `tf.config.experimental.get_memory_info` does not support the CPU.
     """
-    big, small = _memory_at(model, op, jit, BATCH), _memory_at(model, op, jit, 8)
+    batch = LOG_PROB_BATCH if op == "log_prob" else BATCH
+    big, small = _memory_at(model, op, jit, batch), _memory_at(model, op, jit, 8)
     return None if big is None or small is None else big - small
 
 
-def run(variants, fast: bool, memory: bool) -> dict:
+def ddsf_comparison(fast: bool) -> dict:
+    """Training-step medians (s) of DSF and the DDSF variants, round-robin, per D and mode."""
+    repeats = 3 if fast else 9
+    out = {}
+    for event_size in DDSF_DIMS:
+        cases = {}
+        for model in DDSF_MODELS:
+            ops, *_ = _operations(model, batch=DDSF_BATCH, log_prob_batch=8,
+                                  event_size=event_size)
+            cases[model] = ops["train_step"]
+        out[event_size] = {mode: _time_round_robin(cases, jit, repeats)
+                           for mode, jit in (("tf.function", False), ("jit_compile", True))}
+    return out
+
+
+def ddsf_markdown(result: dict) -> str:
+    lines = [f"DDSF against DSF: training step (ms, median) at batch {DDSF_BATCH}, {UNITS} units, "
+             f"DDSF 2 layers; ratio to naf-dsf in the same mode (target for the compact "
+             f"shared-mixing DDSF <= {DDSF_BOUND:g})\n",
+             "| D | model | tf.function (ms) | ratio | jit_compile (ms) | ratio |",
+             "|---|---|---|---|---|---|"]
+    for event_size, modes in result.items():
+        for model in DDSF_MODELS:
+            cells = []
+            for mode in ("tf.function", "jit_compile"):
+                t, ref = modes[mode].get(model), modes[mode].get("naf-dsf")
+                cells += (["failed", ""] if t is None or ref is None
+                          else [f"{1e3 * t:.1f}", f"{t / ref:.2f}"])
+            lines.append(f"| {event_size} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(variants, fast: bool, memory: bool, ddsf: bool = True) -> dict:
     repeats = 2 if fast else 9
     maf_ops, *_ = _operations("maf")
-    report = {"setup": dict(D=D, batch=BATCH, hidden=HIDDEN, flows=FLOWS, units=16,
-                            repeats=repeats, dtype="float32"), "variants": {}}
+    report = {"setup": dict(D=D, batch=BATCH, log_prob_batch=LOG_PROB_BATCH, hidden=HIDDEN,
+                            flows=FLOWS, units=UNITS, repeats=repeats, dtype="float32"),
+              "variants": {}}
     for variant in variants:
-        ops, _, to_noise, conds, x = _operations(variant)
+        ops, _, to_noise, conds, x, x_big = _operations(variant)
         naf_layers = [b for b in to_noise.bijectors if hasattr(b, "transformer")]
-        refs = _conditioner_references(conds, x, naf_layers)
+        refs = _conditioner_references(conds, x, x_big, naf_layers)
         entry = {"inverse": _inverse_stats(to_noise, x), "modes": {}}
         for mode, jit in (("tf.function", False), ("jit_compile", True)):
             cases = {**ops, **refs, **{f"maf_{k}": v for k, v in maf_ops.items()}}
@@ -257,6 +325,9 @@ def run(variants, fast: bool, memory: bool) -> dict:
             } if variant == variants[0] else {})
         report["variants"][variant] = entry
         print(markdown({"setup": report["setup"], "variants": {variant: entry}}), flush=True)
+    if ddsf:
+        report["ddsf_vs_dsf"] = ddsf_comparison(fast)
+        print(ddsf_markdown(report["ddsf_vs_dsf"]), flush=True)
     return report
 
 
@@ -288,11 +359,14 @@ def markdown(report: dict) -> str:
                 "failed" if s is None else f"{1e3 * s:.1f}" for s in cells) + " |")
         if "memory_mib" in entry:
             lines.append("")
-            lines.append("Batch-dependent peak memory (max-RSS growth of the first call at batch "
-                         f"{BATCH} minus at batch 8, MiB, jit_compile): " + ", ".join(
+            lines.append("Batch-dependent peak memory (max-RSS growth of the first call at the "
+                         f"operation's batch ({LOG_PROB_BATCH} for log_prob, {BATCH} otherwise) "
+                         "minus at batch 8, MiB, jit_compile): " + ", ".join(
                 f"{k} {v:.0f}" if v is not None else f"{k} n/a"
                 for k, v in entry["memory_mib"].items()))
         lines.append("")
+    if "ddsf_vs_dsf" in report:
+        lines.append(ddsf_markdown(report["ddsf_vs_dsf"]))
     return "\n".join(lines)
 
 
@@ -302,6 +376,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="naf-dsf,naf-dsf-ctx16",
                         help="NAF models (naf-dsf, naf-ddsf, naf-dsf-ctx16, ...)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ddsf", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time DDSF's training step against DSF's (D=43 and D=2)")
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
@@ -309,7 +385,7 @@ def main(argv=None) -> dict:
         model, op, jit, batch = args.memory_case.split(":")
         print(f"MEMORY_MIB {_memory_case(model, op, bool(int(jit)), int(batch)):.1f}")
         return {}
-    report = run([v for v in args.variants.split(",") if v], args.fast, args.memory)
+    report = run([v for v in args.variants.split(",") if v], args.fast, args.memory, args.ddsf)
     RESULTS.mkdir(exist_ok=True)
     stem = "speed_fast" if args.fast else "speed"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))

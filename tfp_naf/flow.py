@@ -58,7 +58,11 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
     of the transformer's log-derivatives: one parallel conditioner pass gives
     `forward` and `forward_log_det_jacobian` together (the latter is cached,
     not recomputed). `g` is a `DeepSigmoidalFlow` ("dsf") or a
-    `DeepDenseSigmoidalFlow` ("ddsf").
+    `DeepDenseSigmoidalFlow` ("ddsf") or a `SharedDenseSigmoidalFlow`
+    ("ddsf-shared": DDSF whose mixing matrices are learned variables of this
+    bijector shared by all dimensions and batch members, the original NAF
+    code's parameterisation; its conditioner emits 112 instead of 592
+    outputs per dimension at 16 units and 2 layers).
 
     `inverse` has no closed form. It takes `D` sequential conditioner passes:
     pass `k` solves dimension `order[k]` by bracketed, safeguarded Newton
@@ -145,7 +149,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             start distinct; the scale was chosen on validation data.
           event_shape: `[D]`, required when building the conditioner.
           hidden_units: hidden layer widths of the built MADE.
-          transformer: "dsf", "ddsf", or a transformer class.
+          transformer: "dsf", "ddsf", "ddsf-shared", or a transformer class.
           num_units: `K`, sigmoids per transformer layer.
           num_layers: layers of the DDSF transformer (ignored for DSF).
           activation, input_order, hidden_degrees, conditional_event_shape,
@@ -216,8 +220,18 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             self._event_size = None if event_shape is None else int(event_shape[-1])
             self._conditional_size = self._conditioner_conditional_size(conditioner)
             self._num_params = num_params
+            shared = {}
+            if hasattr(transformer_cls, "num_mixing_params"):
+                # Shared mixing logits (SharedDenseSigmoidalFlow): learned, not
+                # conditioned; small random values so the units start distinct.
+                size = transformer_cls.num_mixing_params(int(num_units), num_layers)
+                self._mixing_logits = tf.Variable(
+                    tf.random.normal([size], stddev=conditioners.OUTPUT_INIT_SCALE,
+                                     dtype=dtype), name="mixing_logits")
+                shared["mixing_logits"] = self._mixing_logits
             self._transformer = transformer_cls(
                 params=tf.zeros([num_params], dtype),
+                **shared,
                 num_units=num_units,
                 **({} if transformer_cls is TRANSFORMERS["dsf"] else {"num_layers": num_layers}),
                 clip=clip,

@@ -63,7 +63,12 @@ from tfp_naf import root_finding
 
 tfb = tfp.bijectors
 
-__all__ = ["DeepSigmoidalFlow", "DeepDenseSigmoidalFlow", "TRANSFORMERS"]
+__all__ = [
+    "DeepSigmoidalFlow",
+    "DeepDenseSigmoidalFlow",
+    "SharedDenseSigmoidalFlow",
+    "TRANSFORMERS",
+]
 
 DEFAULT_CLIP = 1e-6
 DEFAULT_MIN_SLOPE = 1e-3
@@ -102,6 +107,16 @@ def _slopes(a_raw, min_slope):
     """`a = softplus(a_raw + shift) + min_slope`, with `a = 1` at `a_raw = 0`."""
     dtype = a_raw.dtype
     return tf.math.softplus(a_raw + _slope_shift(min_slope, dtype)) + tf.constant(min_slope, dtype)
+
+
+def _softmax_parts(logits):
+    """`(e, 1 / sum e)`, `e = exp(logits - max)`: `softmax = e / sum e` over the last axis.
+
+    Mixtures `softmax . v` are computed as `(e . v) / sum e`, so the
+    normalised weights (a division per weight) are never formed.
+    """
+    e = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+    return e, tf.math.reciprocal(tf.reduce_sum(e, axis=-1))
 
 
 def _squash(w, sig, sig_neg, clip):
@@ -151,10 +166,16 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
               = exp(-m) sum_k w_k a_k exp(m - |z_k|) / (1 + e_k)^2,
 
     where the last sum is at least `w_k* a_k* / 4` (`k*` the unit nearest its
-    centre), so `log ds/dx` stays finite for any finite `x`.
+    centre), so `log ds/dx` stays finite for any finite `x`. Per unit that is
+    five transcendental evaluations in all: `exp` and `log1p` for the slope's
+    softplus, `exp` for the softmax, `exp(m - |z|)` and one reciprocal. The
+    three mixtures are separate multiply-sums and the softplus is TF's own
+    kernel: in a same-process comparison both were faster than one stacked
+    reduction and a softplus built from a shared `exp(-|r|)`.
     """
     dtype = x.dtype
-    a = _slopes(a_raw, min_slope)
+    r = a_raw + _slope_shift(min_slope, dtype)
+    a = tf.math.softplus(r) + tf.constant(min_slope, dtype)
     z = a * x[..., tf.newaxis] + b
     abs_z = tf.abs(z)
     m = tf.reduce_min(abs_z, axis=-1, keepdims=True)
@@ -165,13 +186,17 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
     positive = z >= 0
     sig = tf.where(positive, inv, e_inv)
     sig_neg = tf.where(positive, e_inv, inv)
-    w = tf.nn.softmax(w_logits, axis=-1)
-    s, s_neg = _squash(w, sig, sig_neg, clip)  # s' and 1 - s'
-    log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     q = e_rel * tf.square(inv)  # sigmoid'(z_k) * exp(m)
     t = a * q
+    ew, inv_norm = _softmax_parts(w_logits)  # softmax(w_logits) = ew * inv_norm
+    # The three mixtures in one reduction: under XLA each separate reduction
+    # would recompute the exponentials feeding it.
+    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    s = keep * inv_norm * _mix(ew, sig) + half_clip
+    s_neg = keep * inv_norm * _mix(ew, sig_neg) + half_clip
+    slope_sum = _mix(ew, t) * inv_norm
+    log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
-    slope_sum = _mix(w, t)
     log_dh = (
         tf.constant(np.log1p(-clip), dtype)
         - log_s
@@ -179,8 +204,8 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
         - m
         + tf.math.log(tf.maximum(slope_sum, tiny))
     )
-    parts = dict(a=a, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, w=w, s=s,
-                 s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
+    parts = dict(a=a, r=r, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, ew=ew,
+                 inv_norm=inv_norm, s=s, s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
     return log_s - log_1ms, log_dh, parts
 
 
@@ -202,9 +227,11 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
 
     then through softplus and softmax. `r / a` and `a sigmoid' / D` use the
     `exp(m)`-scaled terms `q` and `t`, so nothing overflows where `D` underflows.
+    Per unit the only transcendental evaluations are softplus' (`sigmoid`: an
+    exp and a reciprocal); everything else is products and sums.
     """
     p = parts
-    w = p["w"]
+    ew, inv_norm = p["ew"], p["inv_norm"]
     dtype = x.dtype
     keep = tf.constant(1.0 - clip, dtype)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
@@ -220,16 +247,19 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
     # Where the slope sum was floored at `tiny`, log dh/dx does not depend on it.
     slope_sum = p["slope_sum"]
     grad_log_slope = tf.where(slope_sum >= tiny, grad_log_dh / tf.maximum(slope_sum, tiny), 0.0)
-    u = tf.reduce_sum(w * grad_s[..., tf.newaxis], axis=-2)  # [..., K]
-    v = tf.reduce_sum(w * grad_log_slope[..., tf.newaxis], axis=-2)
+    # The mixing weights w = ew * inv_norm, folded into the per-output factors.
+    u = tf.reduce_sum(ew * (grad_s * inv_norm)[..., tf.newaxis], axis=-2)  # [..., K]
+    v = tf.reduce_sum(ew * (grad_log_slope * inv_norm)[..., tf.newaxis], axis=-2)
     sig_prime = p["e_inv"] * p["inv"]
     grad_z = u * sig_prime + v * p["t"] * (p["sig_neg"] - p["sig"])
     grad_a = v * p["q"] + grad_z * x[..., tf.newaxis]
-    grad_a_raw = grad_a * tf.sigmoid(a_raw + _slope_shift(min_slope, dtype))  # softplus'
+    softplus_prime = tf.sigmoid(p["r"])  # softplus'(r)
+    grad_a_raw = grad_a * softplus_prime
     grad_x = tf.reduce_sum(grad_z * p["a"], axis=-1)
     grad_w = (grad_pos[..., tf.newaxis] * p["sig"][..., tf.newaxis, :]
               - grad_neg[..., tf.newaxis] * p["sig_neg"][..., tf.newaxis, :]
               + grad_log_slope[..., tf.newaxis] * p["t"][..., tf.newaxis, :])
+    w = ew * inv_norm[..., tf.newaxis]
     grad_w_logits = w * (grad_w - tf.reduce_sum(w * grad_w, axis=-1, keepdims=True))
     return grad_x, grad_a_raw, grad_z, grad_w_logits
 
@@ -443,19 +473,25 @@ class _SigmoidalTransformer(tfb.Bijector):
         return True
 
     def _split_params(self, params):
-        """Per layer: `(a_raw, b, w_logits, u_logits or None)`."""
+        """Per layer: `(a_raw, b, w_logits, u_logits or None)`.
+
+        One `tf.split` (its gradient is one concatenation) rather than a strided
+        slice per piece, whose gradients would each be a zero-padded tensor of
+        the full size (they took half of DSF's backward pass).
+        """
         k = self._num_units
-        layers, start = [], 0
         batch = ps.shape(params)[:-1]
-        for n_in, n_out in _layer_shapes(k, self._num_layers):
-            sizes = [k, k, n_out * k, k * n_in if n_in > 1 else 0]
-            a_raw, b, w, u = (
-                params[..., start + s0 : start + s0 + s]
-                for s0, s in zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True)
-            )
-            start += sum(sizes)
+        shapes = _layer_shapes(k, self._num_layers)
+        sizes = [size for n_in, n_out in shapes
+                 for size in (k, k, n_out * k, k * n_in if n_in > 1 else 0)]
+        pieces = tf.split(params, [s for s in sizes if s], axis=-1)
+        layers = []
+        for n_in, n_out in shapes:
+            a_raw, b, w = pieces.pop(0), pieces.pop(0), pieces.pop(0)
             w = tf.reshape(w, ps.concat([batch, [n_out, k]], axis=0))
-            u = tf.reshape(u, ps.concat([batch, [k, n_in]], axis=0)) if n_in > 1 else None
+            u = None
+            if n_in > 1:
+                u = tf.reshape(pieces.pop(0), ps.concat([batch, [k, n_in]], axis=0))
             layers.append((a_raw, b, w, u))
         return layers
 
@@ -472,13 +508,7 @@ class _SigmoidalTransformer(tfb.Bijector):
         params = self._params if params is None else params
         params = tf.convert_to_tensor(params, dtype=self.dtype)
         x = tf.convert_to_tensor(x, dtype=self.dtype)
-        (a_raw, b, w, _), *later = self._split_params(params)
-        h, log_dh = _first_sigmoidal_layer(x, a_raw, b, w, self._clip, self._min_slope)
-        for a_raw, b, w, u in later:
-            h, log_dh = _dense_sigmoidal_layer(
-                h, log_dh, a_raw, b, w, u, self._clip, self._min_slope
-            )
-        y, log_deriv = h[..., 0], log_dh[..., 0]
+        y, log_deriv = self._sigmoidal_layers(x, params)
         if self._tail_slope > 0.0:
             eps = self._tail_slope
             y = tf.constant(1.0 - eps, self.dtype) * y + tf.constant(eps, self.dtype) * x
@@ -487,6 +517,16 @@ class _SigmoidalTransformer(tfb.Bijector):
                 tf.constant(np.log(eps), self.dtype),
             )
         return y, log_deriv
+
+    def _sigmoidal_layers(self, x, params):
+        """`(g(x), log g'(x))` of the stacked sigmoidal layers, before any linear tail."""
+        (a_raw, b, w, _), *later = self._split_params(params)
+        h, log_dh = _first_sigmoidal_layer(x, a_raw, b, w, self._clip, self._min_slope)
+        for a_raw, b, w, u in later:
+            h, log_dh = _dense_sigmoidal_layer(
+                h, log_dh, a_raw, b, w, u, self._clip, self._min_slope
+            )
+        return h[..., 0], log_dh[..., 0]
 
     def _forward(self, x):
         y, log_deriv = self.forward_and_log_derivative(x)
@@ -788,4 +828,238 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
         )
 
 
-TRANSFORMERS = {"dsf": DeepSigmoidalFlow, "ddsf": DeepDenseSigmoidalFlow}
+def _shared_weights(logits: tf.Tensor) -> tf.Tensor:
+    """`exp(logits - max)` over the last axis: a shared softmax's unnormalised weights."""
+    return tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+
+
+def _shared_mix(stacked: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """`stacked @ weights^T`: `[..., r, n] x [m, n] -> [..., r, m]`, one matmul for all rows."""
+    return tf.tensordot(stacked, weights, axes=[[-1], [-1]])
+
+
+def _shared_first_layer(x, a_raw, b, w_offsets, w_shared, clip, min_slope):
+    """The first layer with shared mixing: `[...] -> [..., n_out]`.
+
+    `w_ok = softmax_k(W_ok + c_k)` with `W` shared (`[n_out, K]`) and `c`
+    conditioned, so `sum_k w_ok v_k = (sum_k E_ok e_k v_k) / (sum_k E_ok e_k)`,
+    `E = exp(W - max)`, `e = exp(c - max)`: the mixtures of `sigmoid(z)`,
+    `sigmoid(-z)`, the slope terms and the normaliser are one matmul. The
+    sigmoids and the `exp(m)`-shifted derivative are as in `_first_layer_parts`.
+    """
+    dtype = x.dtype
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+    a = _slopes(a_raw, min_slope)
+    z = a * x[..., tf.newaxis] + b
+    abs_z = tf.abs(z)
+    m = tf.reduce_min(abs_z, axis=-1, keepdims=True)
+    e_rel = tf.exp(m - abs_z)
+    e = e_rel * tf.exp(-m)
+    inv = tf.math.reciprocal(1.0 + e)
+    e_inv = e * inv
+    positive = z >= 0
+    sig, sig_neg = tf.where(positive, inv, e_inv), tf.where(positive, e_inv, inv)
+    ec = _shared_weights(w_offsets)
+    ec = tf.broadcast_to(ec, ps.shape(sig))
+    # Unstacked, not sliced: a slice's gradient is a zero-padded full-size tensor.
+    mix_sig, mix_sig_neg, mix_slope, norm = tf.unstack(_shared_mix(
+        tf.stack([ec * sig, ec * sig_neg, ec * a * e_rel * tf.square(inv), ec], axis=-2),
+        _shared_weights(w_shared)), axis=-2)  # each [..., n_out]
+    inv_norm = tf.math.reciprocal(tf.maximum(norm, tiny))
+    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    s = keep * mix_sig * inv_norm + half_clip
+    s_neg = keep * mix_sig_neg * inv_norm + half_clip
+    log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
+    log_dh = (tf.constant(np.log1p(-clip), dtype) - log_s - log_1ms - m
+              + tf.math.log(tf.maximum(mix_slope * inv_norm, tiny)))
+    return log_s - log_1ms, log_dh
+
+
+def _shared_later_layer(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared, clip,
+                        min_slope):
+    """A later layer with shared mixing: `[..., n_in] -> [..., n_out]`.
+
+    Inputs are mixed by `u_kj = softmax_j(U_kj + c_j)` and the log-derivative
+    chained in linear space with one shift per row: with `l_j = c_j - max c +
+    log dh_j/dx` and `M = max_j l_j`,
+
+        log dmixed_k/dx = M + log(sum_j E_kj exp(l_j - M) / sum_j E_kj exp(c_j - max c)),
+
+    and likewise through the output mixing with `G_k = log dmixed_k - |z_k| +
+    c'_k - max c'`: `sum_k w_ok a_k sigmoid'(z_k) dmixed_k = exp(max G) sum_k
+    E'_ok a_k (1 + e_k)^-2 exp(G_k - max G) / sum_k E'_ok exp(c'_k - max c')`.
+    Every mixture is a matmul with the shared weights.
+    """
+    dtype = h.dtype
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+    a = _slopes(a_raw, min_slope)
+    gu = u_offsets - tf.reduce_max(u_offsets, axis=-1, keepdims=True)
+    shifted = gu + log_dh
+    top = tf.reduce_max(shifted, axis=-1, keepdims=True)
+    ecu = tf.broadcast_to(tf.exp(gu), ps.shape(shifted))
+    mix_h, norm_u, mix_dh = tf.unstack(_shared_mix(
+        tf.stack([ecu * h, ecu, tf.exp(shifted - top)], axis=-2), _shared_weights(u_shared)),
+        axis=-2)  # each [..., K]
+    inv_norm_u = tf.math.reciprocal(tf.maximum(norm_u, tiny))
+    mixed = mix_h * inv_norm_u
+    log_dmixed = top + tf.math.log(tf.maximum(mix_dh * inv_norm_u, tiny))
+    z = a * mixed + b
+    abs_z = tf.abs(z)
+    e = tf.exp(-abs_z)
+    inv = tf.math.reciprocal(1.0 + e)
+    e_inv = e * inv
+    positive = z >= 0
+    sig, sig_neg = tf.where(positive, inv, e_inv), tf.where(positive, e_inv, inv)
+    gw = w_offsets - tf.reduce_max(w_offsets, axis=-1, keepdims=True)
+    big_g = log_dmixed - abs_z + gw
+    top_g = tf.reduce_max(big_g, axis=-1, keepdims=True)
+    ec = tf.broadcast_to(tf.exp(gw), ps.shape(sig))
+    mix_sig, mix_sig_neg, mix_slope, norm = tf.unstack(_shared_mix(
+        tf.stack([ec * sig, ec * sig_neg, a * tf.square(inv) * tf.exp(big_g - top_g), ec],
+                 axis=-2), _shared_weights(w_shared)), axis=-2)  # each [..., n_out]
+    inv_norm = tf.math.reciprocal(tf.maximum(norm, tiny))
+    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    s = keep * mix_sig * inv_norm + half_clip
+    s_neg = keep * mix_sig_neg * inv_norm + half_clip
+    log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
+    log_dh_out = (tf.constant(np.log1p(-clip), dtype) - log_s - log_1ms + top_g
+                  + tf.math.log(tf.maximum(mix_slope * inv_norm, tiny)))
+    return log_s - log_1ms, log_dh_out
+
+
+class SharedDenseSigmoidalFlow(DeepDenseSigmoidalFlow):
+    """DDSF with shared mixing matrices: the parameterisation of the original NAF code.
+
+    The same map as `DeepDenseSigmoidalFlow`, layer by layer,
+
+    ```none
+    h'_o = logit( (1 - clip) * sum_k w_ok sigmoid(a_k sum_j u_kj h_j + b_k) + clip / 2 ),
+    w_ok = softmax_k(W_ok + c_k),   u_kj = softmax_j(U_kj + d_j),
+    ```
+
+    but the mixing logits `W` (`[n_out, K]`) and `U` (`[K, n_in]`) are
+    `mixing_logits`, one tensor (typically a variable) shared by every batch
+    member and dimension; only per-unit offsets are conditioned. Per layer
+    `params` holds `[a_raw (K), b (K), c (K), d (n_in, omitted when n_in = 1)]`:
+    `num_params(16, 2) == 112` against DDSF's 592, and no `K x K` matrix is
+    formed per batch member: every mixture is one matmul with the shared
+    weights, and the log-derivative is chained in linear space with one max
+    shift per row. `mixing_logits` holds, per layer, `W` then `U` (when
+    `n_in > 1`), flattened; `num_mixing_params` gives its size. At
+    `params = 0` and `mixing_logits = 0` it is the identity (up to clipping);
+    give `mixing_logits` small random values so the units of a layer differ.
+
+    #### Examples
+
+    ```python
+    import numpy as np
+    from tfp_naf.transformers import SharedDenseSigmoidalFlow
+
+    p = SharedDenseSigmoidalFlow.num_params(num_units=8, num_layers=2)
+    m = SharedDenseSigmoidalFlow.num_mixing_params(num_units=8, num_layers=2)
+    t = SharedDenseSigmoidalFlow(
+        params=0.3 * np.random.randn(4, p).astype("float32"),
+        mixing_logits=0.3 * np.random.randn(m).astype("float32"), num_layers=2)
+    x = np.float32([-2., 0., 1., 5.])
+    t.inverse(t.forward(x))                  # ~= x
+    ```
+    """
+
+    def __init__(
+        self,
+        params,
+        mixing_logits,
+        num_units: "int | None" = None,
+        num_layers: int = 2,
+        clip: float = DEFAULT_CLIP,
+        min_slope: float = DEFAULT_MIN_SLOPE,
+        tail_slope: float = DEFAULT_DDSF_TAIL_SLOPE,
+        tolerance: "float | None" = None,
+        max_iterations: int = 100,
+        validate_args: bool = False,
+        name: str = "shared_dense_sigmoidal_flow",
+    ):
+        """Builds the transformer.
+
+        Args:
+          params: float `Tensor` `[..., num_params(num_units, num_layers)]` of
+            conditioned offsets.
+          mixing_logits: float `Tensor` (or variable)
+            `[num_mixing_params(num_units, num_layers)]`, shared.
+          num_units, num_layers, clip, min_slope, tail_slope, tolerance,
+            max_iterations, validate_args, name: as for `DeepDenseSigmoidalFlow`.
+        """
+        parameters = dict(locals())
+        with tf.name_scope(name):
+            dtype = dtype_util.common_dtype([params, mixing_logits], dtype_hint=tf.float32)
+            self._mixing_logits = tensor_util.convert_nonref_to_tensor(
+                mixing_logits, dtype=dtype, name="mixing_logits")
+        _SigmoidalTransformer.__init__(
+            self, params, num_units, num_layers, clip, min_slope, tail_slope, tolerance,
+            max_iterations, validate_args, parameters, name)
+        expected = self.num_mixing_params(self._num_units, self._num_layers)
+        shape = self._mixing_logits.shape
+        if shape.rank is not None and (shape.rank != 1 or shape[0] not in (None, expected)):
+            raise ValueError(
+                f"`mixing_logits` must have shape [{expected}] for num_units="
+                f"{self._num_units}, num_layers={self._num_layers}; got {shape}.")
+
+    @classmethod
+    def num_params(cls, num_units: int, num_layers: int = 2) -> int:
+        """Conditioned offsets per element: `3 K + n_in` per layer (`n_in` dropped when 1)."""
+        return sum(3 * num_units + (n_in if n_in > 1 else 0)
+                   for n_in, _ in _layer_shapes(num_units, num_layers))
+
+    @classmethod
+    def num_mixing_params(cls, num_units: int, num_layers: int = 2) -> int:
+        """Size of `mixing_logits`: `n_out K + K n_in` per layer (`U` dropped when `n_in = 1`)."""
+        return sum(n_out * num_units + (num_units * n_in if n_in > 1 else 0)
+                   for n_in, n_out in _layer_shapes(num_units, num_layers))
+
+    @property
+    def mixing_logits(self):
+        return self._mixing_logits
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        props = super()._parameter_properties(dtype)
+        props["mixing_logits"] = parameter_properties.ParameterProperties(
+            event_ndims=1,
+            shape_fn=parameter_properties.SHAPE_FN_NOT_IMPLEMENTED,
+            default_constraining_bijector_fn=parameter_properties.BIJECTOR_NOT_IMPLEMENTED,
+        )
+        return props
+
+    def _split_shared(self, params):
+        """Per layer: `(a_raw, b, w_offsets, u_offsets or None, W, U or None)`."""
+        k = self._num_units
+        shapes = _layer_shapes(k, self._num_layers)
+        sizes = [size for n_in, _ in shapes for size in (k, k, k, n_in if n_in > 1 else 0)]
+        pieces = tf.split(params, [s for s in sizes if s], axis=-1)
+        mix_sizes = [size for n_in, n_out in shapes
+                     for size in (n_out * k, k * n_in if n_in > 1 else 0)]
+        mixing = tf.convert_to_tensor(self._mixing_logits, dtype=self.dtype)
+        mix_pieces = tf.split(mixing, [s for s in mix_sizes if s], axis=-1)
+        layers = []
+        for n_in, n_out in shapes:
+            a_raw, b, c = pieces.pop(0), pieces.pop(0), pieces.pop(0)
+            d = pieces.pop(0) if n_in > 1 else None
+            w = tf.reshape(mix_pieces.pop(0), [n_out, k])
+            u = tf.reshape(mix_pieces.pop(0), [k, n_in]) if n_in > 1 else None
+            layers.append((a_raw, b, c, d, w, u))
+        return layers
+
+    def _sigmoidal_layers(self, x, params):
+        (a_raw, b, c, _, w, _), *later = self._split_shared(params)
+        h, log_dh = _shared_first_layer(x, a_raw, b, c, w, self._clip, self._min_slope)
+        for a_raw, b, c, d, w, u in later:
+            h, log_dh = _shared_later_layer(h, log_dh, a_raw, b, c, d, w, u, self._clip,
+                                            self._min_slope)
+        return h[..., 0], log_dh[..., 0]
+
+
+TRANSFORMERS = {
+    "dsf": DeepSigmoidalFlow,
+    "ddsf": DeepDenseSigmoidalFlow,
+    "ddsf-shared": SharedDenseSigmoidalFlow,
+}
