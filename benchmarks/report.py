@@ -1,6 +1,7 @@
 """Merges quality result files into one table: `python -m benchmarks.report [files...]`.
 
-Later files override earlier ones for the same (model, dataset). Without
+Later files override earlier ones for the same (model, dataset, seed); cells
+with several seeds give the mean ± standard error over seeds. Without
 arguments it reads benchmarks/results/quality*.json except the --fast ones, in
 name order, and writes quality_merged.md.
 """
@@ -18,7 +19,7 @@ def merge(paths) -> "list[dict]":
     table = {}
     for path in paths:
         for r in json.loads(Path(path).read_text()):
-            table[(r["model"], r["dataset"])] = r
+            table[(r["model"], r["dataset"], r.get("seed", 0))] = r
     return list(table.values())
 
 

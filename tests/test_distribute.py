@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
                 model.adapt(inputs["x"]["x"], inputs["x"]["c"])
             elif adapt:
                 model.adapt(inputs["x"])
-            model.compile(optimizer=tf_keras.optimizers.SGD(0.2, momentum=0.9))
+            model.compile(optimizer=tf_keras.optimizers.SGD(0.05, momentum=0.9))
         return model
 
 

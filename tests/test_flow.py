@@ -230,8 +230,11 @@ GRID_HALF_WIDTH, GRID_POINTS = 12.0, 321
 
 @pytest.fixture(scope="module", params=["dsf", "ddsf-cond"])
 def density_2d(request):
-    """A randomized 2-D float64 flow, its density, and the density on a grid."""
-    naf = build(request.param, 2, tf.float64, seed=4)
+    """A randomized 2-D float64 flow, its density, and the density on a grid.
+
+    Built without the initial spread, whose wider start puts mass beyond the grid.
+    """
+    naf = build(request.param, 2, tf.float64, seed=4, initial_spread=0.0)
     kwargs = {}
     if naf.conditional:
         kwargs = {"conditional_input": tf.constant([0.5, -1.0], tf.float64)}
@@ -351,8 +354,10 @@ def test_tf_function_and_xla_match_eager():
 
 def test_chain_with_permute_invert_and_batch_norm_float64():
     d = 3
-    naf1 = build("dsf", d, tf.float64, seed=8)
-    naf2 = build("ddsf", d, tf.float64, seed=9)
+    # Near-identity starts (randomized below): with spread centres the DDSF's inverse can
+    # send a sample beyond the DSF's bounded range (-L, L), where it is clamped.
+    naf1 = build("dsf", d, tf.float64, seed=8, initial_spread=0.0)
+    naf2 = build("ddsf", d, tf.float64, seed=9, initial_spread=0.0)
     batch_norm = tfb.BatchNormalization(
         batchnorm_layer=tf_keras.layers.BatchNormalization(dtype="float64"), training=False
     )
