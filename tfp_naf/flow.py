@@ -266,8 +266,16 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
 
     @staticmethod
     def _initial_params(transformer_cls, num_units, num_layers, spread) -> "np.ndarray | None":
-        """The built conditioner's starting point; None where it is 0."""
-        spread = DEFAULT_INITIAL_SPREAD if spread is None else float(spread)
+        """The built conditioner's starting point; None where it is 0.
+
+        A transformer class of your own without `initial_params` starts at 0
+        by default; asking it for a spread is an error.
+        """
+        if spread is None:
+            if not hasattr(transformer_cls, "initial_params"):
+                return None
+            spread = DEFAULT_INITIAL_SPREAD
+        spread = float(spread)
         if spread == 0.0:
             return None
         if spread < 0.0 or not np.isfinite(spread):

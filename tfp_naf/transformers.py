@@ -119,15 +119,19 @@ def _softmax_parts(logits):
     return e, tf.math.reciprocal(tf.reduce_sum(e, axis=-1))
 
 
-def _squash(w, sig, sig_neg, clip):
+def _squash(w, sig, sig_neg, clip, scale=None):
     """`s'` and `1 - s'` of the clipped mixture `s' = (1-clip) w.sig + clip/2`.
 
     `s` and `1 - s` are sums of positive terms, `w . sigmoid(z)` and
     `w . sigmoid(-z)`, so both are accurate in linear space (no cancellation),
-    and `clip / 2` dominates wherever they would underflow.
+    and `clip / 2` dominates wherever they would underflow. With `scale`
+    (`[..., m]`), the weights are `w * scale`: unnormalised softmax weights
+    and their normaliser (`_softmax_parts`).
     """
     dtype = sig.dtype
     keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
+    if scale is not None:
+        keep = keep * scale
     return keep * _mix(w, sig) + half_clip, keep * _mix(w, sig_neg) + half_clip
 
 
@@ -189,11 +193,7 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
     q = e_rel * tf.square(inv)  # sigmoid'(z_k) * exp(m)
     t = a * q
     ew, inv_norm = _softmax_parts(w_logits)  # softmax(w_logits) = ew * inv_norm
-    # The three mixtures in one reduction: under XLA each separate reduction
-    # would recompute the exponentials feeding it.
-    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
-    s = keep * inv_norm * _mix(ew, sig) + half_clip
-    s_neg = keep * inv_norm * _mix(ew, sig_neg) + half_clip
+    s, s_neg = _squash(ew, sig, sig_neg, clip, scale=inv_norm)  # s' and 1 - s'
     slope_sum = _mix(ew, t) * inv_norm
     log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
