@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
@@ -252,6 +253,53 @@ def _plain_softplus_slopes() -> None:
     transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
 
 
+def _exp_slopes() -> None:
+    """Diagnostic: DSF/DDSF slopes `a = exp(a_raw)` (multiplicative learning of the slopes).
+
+    The transformer's own map is `softplus(a_raw' + shift) + min_slope`; feeding it
+    `a_raw' = softplus_inverse(exp(a_raw) - min_slope) - shift` gives `a = exp(a_raw)`,
+    so `a = 1` at `a_raw = 0` as before.
+    """
+    split = transformers._SigmoidalTransformer._split_params
+
+    def exp_split(self, params):
+        layers = []
+        for a_raw, b, w, u in split(self, params):
+            dtype = a_raw.dtype
+            a = tf.exp(tf.minimum(a_raw, tf.constant(10.0, dtype)))
+            a = tf.maximum(a - self.min_slope, tf.constant(1e-6, dtype))
+            a_raw = tfp.math.softplus_inverse(a) - transformers._slope_shift(self.min_slope, dtype)
+            layers.append((a_raw, b, w, u))
+        return layers
+
+    transformers._SigmoidalTransformer._split_params = exp_split
+
+
+def _group_scales(spec: str) -> "dict[str, float]":
+    """Diagnostic: per-group factors on the first layer's pseudo-parameters, `a=3,b=2,w=1`.
+
+    Each group `p` is read as `p0 + S (p - p0)` with `p0` its value in
+    `initial_params` (so the start's centres are kept): under Adam a
+    learning-rate multiplier of `S` on that group (its random start grows by `S` too).
+    """
+    scales = {k: float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    split = transformers._SigmoidalTransformer._split_params
+
+    def scaled_split(self, params):
+        layers = split(self, params)
+        a_raw, b, w, u = layers[0]
+        k = self.num_units
+        spread = NAF_KWARGS.get("initial_spread", DEFAULT_INITIAL_SPREAD)
+        b0 = tf.constant(-np.linspace(-spread, spread, k), b.dtype)
+        a_raw = a_raw * scales.get("a", 1.0)
+        b = b0 + (b - b0) * scales.get("b", 1.0)
+        w = w * scales.get("w", 1.0)
+        return [(a_raw, b, w, u)] + layers[1:]
+
+    transformers._SigmoidalTransformer._split_params = scaled_split
+    return scales
+
+
 def cell(runs: "list[dict]") -> str:
     """One seed: `nll ± SE over test points`; several: `mean ± SE over seeds (n)`."""
     values = np.array([r["test_nll"] for r in runs], np.float64)
@@ -313,8 +361,23 @@ def main(argv=None) -> "list[dict]":
                              f"{DEFAULT_INITIAL_SPREAD:g})")
     parser.add_argument("--activation", default=None,
                         help="diagnostic: the NAF MADEs' hidden activation (library default relu)")
+    parser.add_argument("--exp-slopes", action="store_true",
+                        help="diagnostic: slopes a = exp(a_raw) instead of a shifted softplus")
+    parser.add_argument("--group-scales", default=None,
+                        help="diagnostic: factors on the first layer's pseudo-parameter "
+                             "groups, e.g. a=3,b=1,w=1 (a learning-rate multiplier per group)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow intra- and inter-op threads (the independent "
+                             "harness used 1)")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
+    if args.threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.exp_slopes:
+        _exp_slopes()
+    if args.group_scales is not None:
+        _group_scales(args.group_scales)
     if args.activation is not None:
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
