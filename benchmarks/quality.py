@@ -253,8 +253,8 @@ def _plain_softplus_slopes() -> None:
     transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
 
 
-def _exp_slopes() -> None:
-    """Diagnostic: DSF/DDSF slopes `a = exp(a_raw)` (multiplicative learning of the slopes).
+def _exp_slopes(factor: float = 1.0) -> None:
+    """Diagnostic: DSF/DDSF slopes `a = exp(factor * a_raw)` (multiplicative learning).
 
     The transformer's own map is `softplus(a_raw' + shift) + min_slope`; feeding it
     `a_raw' = softplus_inverse(exp(a_raw) - min_slope) - shift` gives `a = exp(a_raw)`,
@@ -266,7 +266,7 @@ def _exp_slopes() -> None:
         layers = []
         for a_raw, b, w, u in split(self, params):
             dtype = a_raw.dtype
-            a = tf.exp(tf.minimum(a_raw, tf.constant(10.0, dtype)))
+            a = tf.exp(tf.minimum(factor * a_raw, tf.constant(10.0, dtype)))
             a = tf.maximum(a - self.min_slope, tf.constant(1e-6, dtype))
             a_raw = tfp.math.softplus_inverse(a) - transformers._slope_shift(self.min_slope, dtype)
             layers.append((a_raw, b, w, u))
@@ -361,8 +361,10 @@ def main(argv=None) -> "list[dict]":
                              f"{DEFAULT_INITIAL_SPREAD:g})")
     parser.add_argument("--activation", default=None,
                         help="diagnostic: the NAF MADEs' hidden activation (library default relu)")
-    parser.add_argument("--exp-slopes", action="store_true",
-                        help="diagnostic: slopes a = exp(a_raw) instead of a shifted softplus")
+    parser.add_argument("--exp-slopes", type=float, nargs="?", const=1.0, default=None,
+                        metavar="FACTOR",
+                        help="diagnostic: slopes a = exp(FACTOR a_raw) (FACTOR 1 if not "
+                             "given) instead of a shifted softplus")
     parser.add_argument("--group-scales", default=None,
                         help="diagnostic: factors on the first layer's pseudo-parameter "
                              "groups, e.g. a=3,b=1,w=1 (a learning-rate multiplier per group)")
@@ -374,8 +376,8 @@ def main(argv=None) -> "list[dict]":
     if args.threads is not None:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    if args.exp_slopes:
-        _exp_slopes()
+    if args.exp_slopes is not None:
+        _exp_slopes(args.exp_slopes)
     if args.group_scales is not None:
         _group_scales(args.group_scales)
     if args.activation is not None:
