@@ -30,8 +30,8 @@ Writes benchmarks/results/quality.json and quality.md (or quality_fast.*).
 `--evaluate-on validation` is for choosing defaults without looking at any
 test set: every task is scored on its validation rows at the best check;
 results go to select*.json / select*.md instead. `--output-init-scale`,
-`--initial-spread`, `--param-scale`, `--plain-softplus` and `--min-slope` are the knobs
-studied so.
+`--initial-spread`, `--param-scale`, `--slopes`, `--group-scales`, `--min-slope`
+and `--activation` are the knobs studied so.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
@@ -248,31 +247,19 @@ def _scale_pseudo_parameters(scale: float) -> None:
     transformers._SigmoidalTransformer._split_params = scaled_split
 
 
-def _plain_softplus_slopes() -> None:
-    """Diagnostic: `a = softplus(a_raw) + min_slope` (no shift to `a = 1` at 0), as pyro's DSF."""
-    transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
+def _softplus_slopes(shifted: bool = True) -> None:
+    """Diagnostic: slopes `a = softplus(a_raw + shift) + min_slope` (the library's map before).
 
-
-def _exp_slopes(factor: float = 1.0) -> None:
-    """Diagnostic: DSF/DDSF slopes `a = exp(factor * a_raw)` (multiplicative learning).
-
-    The transformer's own map is `softplus(a_raw' + shift) + min_slope`; feeding it
-    `a_raw' = softplus_inverse(exp(a_raw) - min_slope) - shift` gives `a = exp(a_raw)`,
-    so `a = 1` at `a_raw = 0` as before.
+    `shift = log(expm1(1 - min_slope))` makes `a = 1` at `a_raw = 0`;
+    `shifted=False` drops it, as pyro's DSF.
     """
-    split = transformers._SigmoidalTransformer._split_params
+    def softplus_slopes(a_raw, min_slope):
+        dtype = a_raw.dtype
+        shift = np.log(np.expm1(1.0 - min_slope)) if shifted else 0.0
+        r = a_raw + tf.constant(shift, dtype)
+        return tf.math.softplus(r) + tf.constant(min_slope, dtype), tf.sigmoid(r)
 
-    def exp_split(self, params):
-        layers = []
-        for a_raw, b, w, u in split(self, params):
-            dtype = a_raw.dtype
-            a = tf.exp(tf.minimum(factor * a_raw, tf.constant(10.0, dtype)))
-            a = tf.maximum(a - self.min_slope, tf.constant(1e-6, dtype))
-            a_raw = tfp.math.softplus_inverse(a) - transformers._slope_shift(self.min_slope, dtype)
-            layers.append((a_raw, b, w, u))
-        return layers
-
-    transformers._SigmoidalTransformer._split_params = exp_split
+    transformers._slopes_and_derivative = softplus_slopes
 
 
 def _group_scales(spec: str) -> "dict[str, float]":
@@ -350,9 +337,11 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--param-scale", type=float, default=None,
                         help="diagnostic: multiply the NAF's pseudo-parameters by this before "
                              "the transformer (under Adam, a learning-rate multiplier on them)")
-    parser.add_argument("--plain-softplus", action="store_true",
-                        help="diagnostic: slopes a = softplus(a_raw) + min_slope, without the "
-                             "shift that makes a = 1 at a_raw = 0")
+    parser.add_argument("--slopes", choices=("exp", "softplus", "plain-softplus"),
+                        default="exp",
+                        help="diagnostic: the slopes' map; exp (the library's), softplus "
+                             "shifted to a = 1 at a_raw = 0 (the library's before), or "
+                             "pyro's unshifted softplus")
     parser.add_argument("--min-slope", type=float, default=None,
                         help="diagnostic: the NAFs' min_slope "
                              f"(library default {transformers.DEFAULT_MIN_SLOPE:g})")
@@ -361,10 +350,6 @@ def main(argv=None) -> "list[dict]":
                              f"{DEFAULT_INITIAL_SPREAD:g})")
     parser.add_argument("--activation", default=None,
                         help="diagnostic: the NAF MADEs' hidden activation (library default relu)")
-    parser.add_argument("--exp-slopes", type=float, nargs="?", const=1.0, default=None,
-                        metavar="FACTOR",
-                        help="diagnostic: slopes a = exp(FACTOR a_raw) (FACTOR 1 if not "
-                             "given) instead of a shifted softplus")
     parser.add_argument("--group-scales", default=None,
                         help="diagnostic: factors on the first layer's pseudo-parameter "
                              "groups, e.g. a=3,b=1,w=1 (a learning-rate multiplier per group)")
@@ -376,16 +361,14 @@ def main(argv=None) -> "list[dict]":
     if args.threads is not None:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    if args.exp_slopes is not None:
-        _exp_slopes(args.exp_slopes)
     if args.group_scales is not None:
         _group_scales(args.group_scales)
     if args.activation is not None:
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
         NAF_KWARGS["initial_spread"] = args.initial_spread
-    if args.plain_softplus:
-        _plain_softplus_slopes()
+    if args.slopes != "exp":
+        _softplus_slopes(shifted=args.slopes == "softplus")
     if args.min_slope is not None:
         NAF_KWARGS["min_slope"] = args.min_slope
     if args.output_init_scale is not None:
