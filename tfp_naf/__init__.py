@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 _PUBLIC = {
+    "BoxSupport": "tfp_naf.support",
     "CompactAutoregressiveNetwork": "tfp_naf.conditioners",
     "DeepDenseSigmoidalFlow": "tfp_naf.transformers",
     "DeepSigmoidalFlow": "tfp_naf.transformers",

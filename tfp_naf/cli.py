@@ -2,7 +2,8 @@
 
 ```none
 tfp-naf demo [--out DIR] [--dataset NAME] [--steps N] [--seed S]
-tfp-naf fit DATA --out DIR [--conditional-columns I,J] [--epochs N] [--weight-decay W] ...
+tfp-naf fit DATA --out DIR [--conditional-columns I,J] [--support LOW,HIGH]
+            [--column-support J=LOW,HIGH ...] [--epochs N] [--weight-decay W] ...
 tfp-naf sample DIR -n N --out FILE [--seed S] [--condition FILE|V1,V2,...] [--batch-size B]
 tfp-naf log-prob DIR DATA --out FILE [--batch-size B]
 ```
@@ -32,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -110,6 +112,53 @@ def _non_negative(text):
     return value
 
 
+def _parse_bounds(text: str) -> "tuple[float, float]":
+    """`LOW,HIGH` (numbers; `-inf` / `inf` for an unbounded side) as two floats."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or any(math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH (two numbers; -inf or inf for no bound), got {text!r}")
+    return values[0], values[1]
+
+
+def _bounds(text: str) -> str:
+    """Checks `LOW,HIGH`; keeps the text (settings stay plain JSON)."""
+    _parse_bounds(text)
+    return text
+
+
+def _column_bounds(text: str) -> str:
+    """Checks `J=LOW,HIGH`; keeps the text."""
+    column, _, bounds = text.partition("=")
+    if not column.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected J=LOW,HIGH with J a 0-based column index, got {text!r}")
+    _parse_bounds(bounds)
+    return text
+
+
+# Options whose value may start with "-" (a negative LOW): argparse would take
+# `--support -3,3` for two options, so main() joins them as `--support=-3,3`.
+_BOUNDS_OPTIONS = ("--support", "--column-support")
+_NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: "list[str]") -> "list[str]":
+    out, i = [], 0
+    while i < len(argv):
+        if (argv[i] in _BOUNDS_OPTIONS and i + 1 < len(argv)
+                and _NEGATIVE_VALUE.match(argv[i + 1])):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, units: int) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--transformer", choices=("dsf", "ddsf"), default="dsf",
@@ -152,11 +201,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a density to .npy/.csv data; write a model folder",
                        description="Fits p(x) (or p(x | c)) by maximum likelihood with "
                        "early stopping on a validation split. Data are standardised by the "
-                       "training statistics; NLLs are in the data's own units.")
+                       "training statistics (of the mapped columns, with --support); NLLs "
+                       "are in the data's own units.")
     p.add_argument("data", type=Path, metavar="DATA", help=".npy or .csv file, rows = samples")
     p.add_argument("--out", type=Path, required=True, help="model folder to create")
     p.add_argument("--conditional-columns", type=_int_list, default=None, metavar="I,J",
                    help="0-based column indices of DATA used as the condition c")
+    p.add_argument("--support", type=_bounds, default=None, metavar="LOW,HIGH",
+                   help="bounds of every modelled (non-condition) column: the density "
+                   "puts all its mass in the open interval (LOW, HIGH), by a logit map "
+                   "before the flow (a log map for one bound: -inf or inf for no bound, "
+                   "e.g. 0,inf); every row must lie strictly inside. A negative LOW "
+                   "works as written (--support -3,3)")
+    p.add_argument("--column-support", type=_column_bounds, action="append", default=[],
+                   metavar="J=LOW,HIGH",
+                   help="bounds of DATA column J (0-based, a modelled column), overriding "
+                   "--support for it; repeat for more columns (e.g. --column-support "
+                   "0=0,1 --column-support 3=-inf,10)")
     p.add_argument("--epochs", type=_positive(int), default=100, help="(default %(default)s)")
     p.add_argument("--batch-size", type=_positive(int), default=256, help="(default %(default)s)")
     p.add_argument("--lr", type=_positive(float), default=1e-3, help="(default %(default)s)")
@@ -305,23 +366,70 @@ def _dataset(tf, values, rows: np.ndarray, x_cols, c_cols, batch_size: int,
     return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
-def _train_moments(values, is_validation: np.ndarray, x_cols, c_cols):
-    """Column means and stds of the training rows, in one pass over `values`."""
+def _support(args, x_cols: "list[int]", total: int):
+    """The `BoxSupport` of the modelled columns from --support and
+    --column-support, or None when neither is given."""
+    if args.support is None and not args.column_support:
+        return None
+    from tfp_naf.support import BoxSupport
+
+    default = (-math.inf, math.inf) if args.support is None else _parse_bounds(args.support)
+    bounds = dict.fromkeys(x_cols, default)
+    for text in args.column_support:
+        column, _, pair = text.partition("=")
+        column = int(column)
+        if column not in bounds:
+            raise CLIError(
+                f"--column-support {text}: column {column} is "
+                + ("a condition column" if column < total else
+                   f"not in DATA (indices 0..{total - 1})")
+                + f"; the modelled columns are {x_cols}.")
+        bounds[column] = _parse_bounds(pair)
+    try:
+        return BoxSupport(([bounds[j][0] for j in x_cols], [bounds[j][1] for j in x_cols]),
+                          event_size=len(x_cols), dtype="float32")
+    except ValueError as e:
+        raise CLIError(f"--support/--column-support: {e} (dimensions in the order of the "
+                       f"modelled columns {x_cols}).") from None
+
+
+def _train_moments(values, is_validation: np.ndarray, x_cols, c_cols, support=None,
+                   data_name: str = "DATA"):
+    """Column means and stds of the training rows, in one pass over `values`.
+
+    With a `support`, the x statistics are those of the transformed columns
+    `T(x)` (as `NAFDensityModel.adapt` computes them), and every row,
+    validation rows too, must lie inside the support (as the float32 the
+    model sees): a row outside is a CLIError.
+    """
     from tfp_naf.tables import ColumnMoments
 
     x_moments, c_moments = ColumnMoments(), ColumnMoments()
     for start in range(0, len(values), CHUNK_ROWS):
         block = np.asarray(values[start:start + CHUNK_ROWS], np.float64)
-        block = block[~is_validation[start:start + CHUNK_ROWS]]
-        x_moments.update(block[:, x_cols])
+        training = ~is_validation[start:start + CHUNK_ROWS]
+        x = block[:, x_cols]
+        if support is not None:
+            x = x.astype(np.float32).astype(np.float64)
+            outside = support.outside_rows(x)
+            if np.any(outside):
+                row = int(np.flatnonzero(outside)[0])
+                raise CLIError(
+                    f"{data_name}: row {start + row} (0-based) lies outside the support "
+                    f"(columns {x_cols}: {x[row].tolist()}; low {support.low.tolist()}, high "
+                    f"{support.high.tolist()}, bounds excluded).")
+            x = support.unconstrain(x[training])[0].numpy()
+        else:
+            x = x[training]
+        x_moments.update(x)
         if c_cols:
-            c_moments.update(block[:, c_cols])
+            c_moments.update(block[training][:, c_cols])
     return ((x_moments.mean, x_moments.std)
             + ((c_moments.mean, c_moments.std) if c_cols else (None, None)))
 
 
 def _build_model(args, event_size: int, conditional_size: "int | None", steps: int,
-                 standardization):
+                 standardization, support=None):
     """The model, standardised and compiled (all in one place: a distribution
     strategy's `scope()` can wrap this call)."""
     import tf_keras
@@ -329,6 +437,7 @@ def _build_model(args, event_size: int, conditional_size: "int | None", steps: i
     from tfp_naf.keras import NAFDensityModel
 
     model = NAFDensityModel(event_size=event_size, conditional_size=conditional_size,
+                            support=None if support is None else support.config(),
                             **_model_kwargs(args))
     model.set_standardization(*standardization)
     schedule = tf_keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=0.1)
@@ -368,14 +477,15 @@ def cmd_fit(args) -> int:
     x_cols = [j for j in range(total) if j not in c_cols]
     if not x_cols:
         raise CLIError("--conditional-columns leaves no columns to model.")
+    support = _support(args, x_cols, total)
     with tempfile.TemporaryDirectory(prefix="tfp-naf-fit-") as scratch:
         with Progress(table.n_rows, f"reading {args.data.name}",
                       enabled=not args.quiet) as progress:
             values = spool_table(table, scratch, progress=progress.update)
-        return _fit(args, values, table.header, x_cols, c_cols)
+        return _fit(args, values, table.header, x_cols, c_cols, support)
 
 
-def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]") -> int:
+def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]", support=None) -> int:
     n = len(values)
     n_val = int(round(args.validation_split * n))
     if n - n_val < 2:
@@ -386,8 +496,6 @@ def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]") -> int:
     del perm
     is_validation = np.zeros(n, bool)
     is_validation[val_rows] = True
-    standardization = _train_moments(values, is_validation, x_cols, c_cols)
-    del is_validation
 
     tf = _tensorflow()
     import tf_keras
@@ -396,10 +504,15 @@ def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]") -> int:
     from tfp_naf.model_io import ModelDirError, save_model_dir
 
     strategy = distribute.strategy_from_environment()  # Before any other TF operation.
+    # After the strategy: with a support the statistics pass runs TensorFlow ops.
+    standardization = _train_moments(values, is_validation, x_cols, c_cols, support,
+                                     data_name=str(args.data))
+    del is_validation
     tf_keras.utils.set_random_seed(args.seed)
     steps = args.epochs * math.ceil(len(train_rows) / args.batch_size)
     with strategy.scope():  # --batch-size is the global batch, split over all replicas.
-        model = _build_model(args, len(x_cols), len(c_cols) or None, steps, standardization)
+        model = _build_model(args, len(x_cols), len(c_cols) or None, steps, standardization,
+                             support)
     train = _dataset(tf, values, train_rows, x_cols, c_cols, args.batch_size, seed=args.seed)
     validation = (_dataset(tf, values, val_rows, x_cols, c_cols, max(args.batch_size, 4096),
                            seed=None) if n_val else None)
@@ -635,7 +748,8 @@ COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "sample": cmd_sample, "log-prob": 
 def main(argv: "Sequence[str] | None" = None) -> int:
     """Runs `tfp-naf` with `argv` (default: `sys.argv[1:]`); returns the exit status."""
     start_time = time.perf_counter()
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(_join_negative_values(argv))
     args.start_time = start_time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # As tfp_naf/__init__.py does.
     try:

@@ -64,6 +64,8 @@ def export_saved_model(model: "NAFDensityModel", path: "str | os.PathLike") -> N
       `seed` (the same seed gives the same samples as
       `model.sample(n, c, seed=seed)`), and `c: [1, C]` or `[n, C]`.
 
+    A model's bounded support (`support=`) is part of both: `log_prob` is
+    `-inf` outside it and every sample lies inside it, as with the model.
     Only TensorFlow is needed to load it: `tf.saved_model.load(path)`.
 
     #### Examples

@@ -48,6 +48,7 @@ from tfp_naf.keras3_guard import (
     _is_keras3_object,
     check_keras_model,
 )
+from tfp_naf.support import BoxSupport
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -218,6 +219,27 @@ class NAFDensityModel(tf_keras.Model):
     These statistics are non-trainable weights: they are saved with
     `save_weights` and exported with `export_saved_model`.
 
+    A bounded support (`support=(low, high)`, per dimension of `x`; see
+    `tfp_naf.support`) puts all of the density's mass inside the open box
+    `prod_j (low_j, high_j)`: the data are first mapped onto R^D by
+    `u = T(x)` (logit for two bounds, `log(x - low)` or `-log(high - x)`
+    for one, the identity for none), then standardised, then the flow:
+
+    ```none
+    log p(x | c) = log p_flow((T(x) - mean) / scale | c) - sum_j log scale_j
+                   + sum_j log T_j'(x_j)          for x inside the box,
+    log p(x | c) = -inf                           outside it (or on a bound).
+    ```
+
+    `sample` and `noise_to_data` map back with `T^{-1}` and clamp to the
+    open box's nearest representable values, so every sample lies strictly
+    inside it (in float32 too). With a support, the standardisation
+    statistics are those of `T(x)` (`adapt` computes them so;
+    `support_bijector.inverse(x)` is `T(x)`). The condition `c` is never
+    transformed. The bounds are in `get_config` and, as the non-trainable
+    weights `support_low` / `support_high`, in every weights file:
+    `load_weights` refuses weights saved with another support (or without one).
+
     Keras 3 optimizers and Keras 3 symbolic inputs are refused with a
     `TypeError` (see `check_keras_model`): use `tf_keras`.
 
@@ -244,6 +266,16 @@ class NAFDensityModel(tf_keras.Model):
     cmodel.fit({"x": x, "c": c}, batch_size=128, epochs=1, verbose=0,
                validation_data=({"x": x[:64], "c": c[:64]},))
     cmodel.sample(5, c=[0.5], seed=2).shape   # [5, 2]: one condition for all.
+
+    # A posterior p(theta | x) on a prior's box: no mass outside [-3, 3]^2,
+    # the second parameter only bounded below by 0.
+    theta = np.random.default_rng(1).uniform(0.01, 2.9, size=(512, 2)).astype("float32")
+    bmodel = NAFDensityModel(event_size=2, conditional_size=1, num_flows=1,
+                             hidden_units=[16], support=([-3.0, 0.0], [3.0, np.inf]))
+    bmodel.adapt(theta, theta[:, :1] ** 2)  # Statistics of the transformed theta.
+    draws = bmodel.sample(100, c=[1.0], seed=3).numpy()
+    bool(np.all((draws > [-3, 0]) & (draws < [3, np.inf])))  # True
+    bmodel.log_prob([[3.5, 1.0]], [[1.0]]).numpy()            # [-inf]: outside.
     ```
     """
 
@@ -259,6 +291,7 @@ class NAFDensityModel(tf_keras.Model):
         context_units: "int | None" = None,
         dtype="float32",
         name: str = "naf_density_model",
+        support: "tuple[Any, Any] | None" = None,
         **kwargs,
     ):
         """Builds the model and all its weights.
@@ -268,7 +301,15 @@ class NAFDensityModel(tf_keras.Model):
             hidden_units, conditional_size, context_units: as for `make_flow`.
           dtype: float32 or float64, for the weights and the computation.
           name: model name.
+          support: None (the density lives on all of R^D), or a pair
+            `(low, high)` bounding each dimension of `x`: each side one
+            value for all dimensions or `event_size` values; `-inf` / `inf`
+            (or None) leaves a side unbounded. The bounds are rounded to
+            `dtype`. See the class docstring and `tfp_naf.support.BoxSupport`.
           **kwargs: passed to `tf_keras.Model`.
+
+        Raises:
+          ValueError: for an invalid `support` (see `BoxSupport`).
         """
         super().__init__(name=name, dtype=dtype, **kwargs)
         self._flow_config = dict(
@@ -282,11 +323,20 @@ class NAFDensityModel(tf_keras.Model):
             context_units=None if context_units is None else int(context_units),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
+        self._support = None if support is None else BoxSupport(support, event_size, self.dtype)
         size, csize = self.event_size, self.conditional_size
         self.x_mean = self._fixed_weight("x_mean", [size], "zeros")
         self.x_scale = self._fixed_weight("x_scale", [size], "ones")
         self.c_mean = self._fixed_weight("c_mean", [csize or 0], "zeros")
         self.c_scale = self._fixed_weight("c_scale", [csize or 0], "ones")
+        if self._support is not None:
+            # Copies of the bounds, only so that every weights file carries
+            # them: loading weights saved with another support is refused.
+            # The computation uses the config's bounds (`self._support`).
+            self.support_low = self._fixed_weight(
+                "support_low", [size], tf.constant_initializer(self._support.low))
+            self.support_high = self._fixed_weight(
+                "support_high", [size], tf.constant_initializer(self._support.high))
         self.loss_tracker = tf_keras.metrics.Mean(name="loss")
         self.built = True  # Every weight exists now: save/load need no call first.
 
@@ -309,9 +359,25 @@ class NAFDensityModel(tf_keras.Model):
     def conditional(self) -> bool:
         return self.conditional_size is not None
 
+    @property
+    def support(self) -> "BoxSupport | None":
+        """The bounded support of `x` (`BoxSupport`: `low`, `high`, `kinds`), or None."""
+        return self._support
+
+    @property
+    def support_bijector(self) -> tfb.Bijector:
+        """The constraining bijector `T^{-1}`: R^D -> the support (`forward`), in
+        the model's dtype; `tfb.Identity()` without a support. `inverse(x)` is
+        the `T(x)` the standardisation and the flow see."""
+        if self._support is None:
+            return tfb.Identity()
+        return self._support.bijector(self.dtype)
+
     def get_config(self) -> "dict[str, Any]":
-        """The constructor arguments (JSON-serialisable)."""
-        return dict(self._flow_config, dtype=self.dtype, name=self.name)
+        """The constructor arguments (JSON-serialisable; `support` as
+        `[[low_1, ...], [high_1, ...]]` with None for an unbounded side)."""
+        support = None if self._support is None else self._support.config()
+        return dict(self._flow_config, dtype=self.dtype, name=self.name, support=support)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -322,11 +388,24 @@ class NAFDensityModel(tf_keras.Model):
     def adapt(self, x, c=None) -> None:
         """Sets the fixed standardisation to the mean and std of `x` (and `c`).
 
-        A column with zero spread keeps scale 1 (it is only shifted). For data
-        that does not fit in memory, compute the statistics in one pass
-        (`tfp_naf.tables.ColumnMoments`) and call `set_standardization`.
+        With a support, of `T(x)` (`support_bijector.inverse(x)`), the values
+        the flow is standardised in. A column with zero spread keeps scale 1
+        (it is only shifted). For data that does not fit in memory, compute
+        the statistics in one pass (`tfp_naf.tables.ColumnMoments`, over
+        chunks of `T(x)` with a support) and call `set_standardization`.
+
+        Raises:
+          ValueError: with a support, when a row of `x` lies outside it.
         """
         x, c = self._check_inputs(x, c)
+        if self._support is not None:
+            x, _, outside = self._support.unconstrain(x)
+            if bool(tf.reduce_any(outside)):
+                row = int(tf.where(outside)[0][0])
+                raise ValueError(
+                    f"`x` row {row} lies outside the support {self._support.config()} (open "
+                    "box): its log-density is -inf, so the model cannot be fitted to it."
+                )
         for data, mean_var, scale_var in ((x, self.x_mean, self.x_scale),
                                           (c, self.c_mean, self.c_scale)):
             if data is None:
@@ -340,6 +419,8 @@ class NAFDensityModel(tf_keras.Model):
         """Sets the fixed standardisation `x' = (x - x_mean) / x_std` (and `c`'s).
 
         As `adapt` with the statistics given: a zero `std` becomes scale 1.
+        With a support, `x_mean` and `x_std` are those of `T(x)`
+        (`support_bijector.inverse(x)`), not of `x`.
 
         Raises:
           ValueError: for statistics of the wrong length, non-finite values or
@@ -403,7 +484,8 @@ class NAFDensityModel(tf_keras.Model):
         return {"bijector_kwargs": flow_kwargs(self.flow, (c - self.c_mean) / self.c_scale)}
 
     def log_prob(self, x, c=None, batch_size: "int | None" = None) -> tf.Tensor:
-        """`log p(x | c)` in the data's units, shape `x.shape[:-1]`.
+        """`log p(x | c)` in the data's units, shape `x.shape[:-1]`; `-inf` for
+        rows outside the support (if the model has one).
 
         Args:
           x: `[..., D]`.
@@ -421,14 +503,24 @@ class NAFDensityModel(tf_keras.Model):
             parts = list(batching.iter_log_prob(self, x, c, batch_size=batch_size))
             return tf.constant(np.concatenate(parts) if parts else np.zeros([0], self.dtype))
         x, c = self._check_inputs(x, c)
-        z = (x - self.x_mean) / self.x_scale
         log_det = -tf.reduce_sum(tf.math.log(self.x_scale))
-        return self.flow.log_prob(z, **self._flow_kwargs(c)) + log_det
+        if self._support is None:
+            return self.flow.log_prob((x - self.x_mean) / self.x_scale,
+                                      **self._flow_kwargs(c)) + log_det
+        u, support_log_det, outside = self._support.unconstrain(x)
+        z = (u - self.x_mean) / self.x_scale
+        log_prob = self.flow.log_prob(z, **self._flow_kwargs(c)) + log_det + support_log_det
+        return tf.where(outside, tf.constant(-np.inf, log_prob.dtype), log_prob)
+
+    def _to_data(self, standardized) -> tf.Tensor:
+        """Flow output (standardised units) -> data units, inside the support."""
+        u = standardized * self.x_scale + self.x_mean
+        return u if self._support is None else self._support.constrain(u)
 
     def sample(
         self, n, c=None, seed=None, batch_size: "int | None" = None, jit_compile: bool = False
     ) -> tf.Tensor:
-        """`n` samples `[n, D]`, in data units.
+        """`n` samples `[n, D]`, in data units (strictly inside the support, if any).
 
         Args:
           n: how many samples.
@@ -457,17 +549,17 @@ class NAFDensityModel(tf_keras.Model):
         _, c = self._check_inputs(tf.zeros([0, self.event_size], self.dtype), c)
         if seed is not None:
             seed = tf.stack([tf.cast(seed, tf.int32), tf.constant(0, tf.int32)])
-        z = self.flow.sample(n, seed=seed, **self._flow_kwargs(c))
-        return z * self.x_scale + self.x_mean
+        return self._to_data(self.flow.sample(n, seed=seed, **self._flow_kwargs(c)))
 
     def noise_to_data(self, z, c=None) -> tf.Tensor:
         """Maps base-distribution noise `z` (`[..., D]`) to data units: what
-        `sample` does after drawing `z ~ N(0, I)`.
+        `sample` does after drawing `z ~ N(0, I)` (the support's map and clamp
+        included).
         """
         z = tf.cast(z, self.dtype)
         _, c = self._check_inputs(tf.zeros([0, self.event_size], self.dtype), c)
         x = self.flow.bijector.forward(z, **self._flow_kwargs(c).get("bijector_kwargs", {}))
-        return x * self.x_scale + self.x_mean
+        return self._to_data(x)
 
     # ---- Keras hooks -----------------------------------------------------
 
@@ -515,8 +607,31 @@ class NAFDensityModel(tf_keras.Model):
                 f"{self.name!r} has {len(variables)} variables, but the saved weights "
                 f"hold {len(store.keys())}: the model was saved with another config."
             )
+        if self._support is not None:  # Checked before anything is assigned.
+            index = {id(v): str(i) for i, v in enumerate(variables)}
+            problem = self._support_mismatch(*(np.asarray(store[index[id(v)]])
+                                               for v in (self.support_low, self.support_high)))
+            if problem:
+                raise ValueError(problem)
         for i, variable in enumerate(variables):
             variable.assign(store[str(i)])
+
+    def _support_mismatch(self, saved_low, saved_high) -> str:
+        """An empty string when saved support bounds (None: saved without a
+        support) are this model's, else a sentence saying how they differ."""
+        mine = self._support
+        if mine is None and saved_low is None:
+            return ""
+        if (mine is not None and saved_low is not None
+                and np.array_equal(saved_low, mine.low) and np.array_equal(saved_high, mine.high)):
+            return ""
+        saved = ("no support" if saved_low is None
+                 else f"support low {np.asarray(saved_low).tolist()}, high "
+                 f"{np.asarray(saved_high).tolist()}")
+        has = ("no support" if mine is None
+               else f"support low {mine.low.tolist()}, high {mine.high.tolist()}")
+        return (f"the weights were saved from a model with {saved}; {self.name!r} has {has}. "
+                "Build the model with the support it was trained with; nothing was loaded.")
 
     @staticmethod
     def _is_legacy_h5(filepath, save_format) -> bool:
@@ -569,6 +684,7 @@ class NAFDensityModel(tf_keras.Model):
             saved = json.loads(f.attrs["tfp_naf_config"])
             mine = json.loads(json.dumps(self.get_config(), sort_keys=True))
             saved.pop("name", None), mine.pop("name", None)
+            saved.setdefault("support", None)  # Written before `support` existed.
             if saved != mine or len(f.keys()) != len(variables):
                 raise ValueError(
                     f"{path} holds the weights of a model with config {saved}; this "
@@ -578,11 +694,14 @@ class NAFDensityModel(tf_keras.Model):
                 variable.assign(f[str(i)][()])
 
     def _check_tf_checkpoint(self, path: str) -> None:
-        """Refuses a TF-format checkpoint whose flow holds another number of variables.
+        """Refuses a TF-format checkpoint whose flow holds another number of
+        variables, or that was saved with another support (or with one, or
+        without one, where this model differs).
 
         TensorFlow restores what matches and ignores the rest, so a checkpoint
-        of a model with *more* flows would load silently. Checked before
-        anything is restored; an unreadable path is left to Keras' own error.
+        of a model with *more* flows (or with support bounds) would load
+        silently. Checked before anything is restored; an unreadable path is
+        left to Keras' own error.
         """
         try:
             listed = tf.train.list_variables(path)
@@ -600,6 +719,15 @@ class NAFDensityModel(tf_keras.Model):
                 "were saved from a model with another config (num_flows, hidden_units, "
                 "num_units, ...); nothing was loaded."
             )
+        names = {name for name, _ in listed}
+
+        def read(name):
+            key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+            return tf.train.load_variable(path, key) if key in names else None
+
+        problem = self._support_mismatch(read("support_low"), read("support_high"))
+        if problem:
+            raise ValueError(f"{path}: {problem}")
 
     @staticmethod
     def _refuse_targets(data):

@@ -7,7 +7,9 @@ A model folder holds
 * `weights.index`, `weights.data-*`: a TensorFlow checkpoint of all weights,
   the fixed standardisation included;
 * `standardization.json`: the standardisation, readable (the checkpoint is
-  what `load_model_dir` uses);
+  what `load_model_dir` uses), with the model's `support` (None, or
+  `[[low, ...], [high, ...]]`): with a support, `x_mean` and `x_scale` are
+  those of the transformed data `T(x)` (`tfp_naf.support`), not of `x`;
 * `metrics.json`: whatever the trainer measured;
 * `saved_model/` (optional): `tfp_naf.keras.export_saved_model`'s output,
   loadable with TensorFlow alone.
@@ -156,8 +158,9 @@ def save_model_dir(
         model.save_weights(os.fspath(tmp / _WEIGHTS))
         _write_json(
             tmp / _STANDARDIZATION,
-            {name: getattr(model, name).numpy().tolist()
-             for name in ("x_mean", "x_scale", "c_mean", "c_scale")},
+            {**{name: getattr(model, name).numpy().tolist()
+                for name in ("x_mean", "x_scale", "c_mean", "c_scale")},
+             "support": model.get_config()["support"]},
         )
         _write_json(tmp / _METRICS, metrics or {})
         if saved_model:
