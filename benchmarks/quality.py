@@ -48,6 +48,7 @@ from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
 from tfp_naf.flow import DEFAULT_INITIAL_SPREAD
+from tfp_naf.support import BoxSupport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOYS = ("8gaussians", "checkerboard", "2spirals", "pinwheel")
@@ -126,6 +127,26 @@ def _schedule(name: str, fast: bool) -> "tuple[int, int, int | None]":
     return 5000, 250, 8
 
 
+def with_support(data: dict, support) -> dict:
+    """`data` with the parameters mapped by `tfp_naf.support.BoxSupport(support)`.
+
+    The flow then models `u = T(theta)` (logit of the box); `log_det` holds
+    each scored and validation row's `log |dT/dtheta|`, subtracted from its
+    log-density so NLLs stay in the parameters' own units, and `box` maps
+    draws back into the box.
+    """
+    box = BoxSupport(support, data["train"].shape[1])
+    out = dict(data, box=box)
+    for part in ("train", "valid", "scored"):
+        u, log_det, outside = box.unconstrain(data[part])
+        if np.any(outside.numpy()):
+            raise ValueError(f"{part} rows outside the support {support}")
+        out[part] = u.numpy().astype(np.float32)
+        out[part + "_log_det"] = log_det.numpy().astype(np.float64)
+    out["source"] = data["source"] + f", support {support}"
+    return out
+
+
 def run_one(model: str, name: str, data: dict, fast: bool, seed: int = 0,
             max_minutes: "float | None" = None) -> dict:
     tf.keras.utils.set_random_seed(seed)
@@ -167,8 +188,9 @@ def run_one(model: str, name: str, data: dict, fast: bool, seed: int = 0,
     log_prob, _ = compile_step(log_prob_fn, scored_s[:1024], jit=jit)
     compile_s = time.perf_counter() - t0
 
-    def evaluate(a):
-        mean_nll, se = nll_stats(log_prob, a)
+    def evaluate(a, part):
+        offset = -data[part + "_log_det"] if "box" in data else None
+        mean_nll, se = nll_stats(log_prob, a, offset=offset)
         return mean_nll + log_scale, se
 
     max_steps, check_every, patience = _schedule(name, fast)
@@ -183,7 +205,7 @@ def run_one(model: str, name: str, data: dict, fast: bool, seed: int = 0,
         losses.append(float(step(train_s[rng.integers(0, len(train_s), batch)])))
         steps_done += 1
         if steps_done % check_every == 0 or steps_done == max_steps:
-            v, _ = evaluate(valid_s)
+            v, _ = evaluate(valid_s, "valid")
             history.append((steps_done, v))
             if v < best:
                 best, best_step, bad_checks = v, steps_done, 0
@@ -197,7 +219,7 @@ def run_one(model: str, name: str, data: dict, fast: bool, seed: int = 0,
     if best_weights is not None:
         for w, value in zip(variables, best_weights, strict=True):
             w.assign(value)
-    nll, se = evaluate(scored_s)
+    nll, se = evaluate(scored_s, "scored")
     result = dict(
         model=model, dataset=name, seed=seed, test_nll=nll, test_se=se, steps=steps_done,
         best_step=best_step, stopped=stopped, jit=jit, source=data["source"],
@@ -234,6 +256,8 @@ def _outside_support(dist, data, num_flows, c_mean, c_std, mean, std, seed) -> f
                            bijector_kwargs=conditional_kwargs(num_flows, c))
 
     theta = draw(c).numpy() * std + mean
+    if "box" in data:
+        theta = data["box"].constrain(theta.astype(np.float32)).numpy()
     return float(np.mean(np.any(np.abs(theta) > datasets.SLCP_PRIOR_BOUND, axis=1)))
 
 
@@ -356,6 +380,9 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
+    parser.add_argument("--support", action="store_true",
+                        help="conditional tasks: model the parameters through the prior box's "
+                             "logit (tfp_naf.support, as NAFDensityModel(support=...))")
     args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")
     if args.threads is not None:
@@ -388,6 +415,9 @@ def main(argv=None) -> "list[dict]":
         data = load(name, args.fast, args.evaluate_on)
         if data is None:
             continue
+        if args.support and name in CONDITIONAL:
+            bound = datasets.SLCP_PRIOR_BOUND
+            data = with_support(data, (-bound, bound))
         run_models = list(models)
         if args.context:
             run_models += [m for m in CONTEXT_MODELS.get(name, ()) if m not in run_models]

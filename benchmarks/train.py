@@ -50,8 +50,9 @@ def compile_step(fn, example, jit: bool = True):
     return compiled, False
 
 
-def nll_stats(log_prob_fn, data: np.ndarray, batch: int = 1024) -> "tuple[float, float]":
-    """Mean and standard error of `-log_prob` over `data`."""
+def nll_stats(log_prob_fn, data: np.ndarray, batch: int = 1024,
+              offset: "np.ndarray | None" = None) -> "tuple[float, float]":
+    """Mean and standard error of `-log_prob` over `data` (plus a per-row `offset`)."""
     values = []
     for start in range(0, len(data), batch):
         chunk = data[start : start + batch]
@@ -61,4 +62,6 @@ def nll_stats(log_prob_fn, data: np.ndarray, batch: int = 1024) -> "tuple[float,
         else:
             values.append(-log_prob_fn(chunk).numpy())
     nll = np.concatenate(values).astype(np.float64)
+    if offset is not None:
+        nll = nll + offset
     return float(nll.mean()), float(nll.std(ddof=1) / np.sqrt(len(nll)))
