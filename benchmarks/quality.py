@@ -380,6 +380,9 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
+    parser.add_argument("--slope-knee", type=float, default=None,
+                        help="diagnostic: a_raw beyond which the exponential slopes grow "
+                             f"linearly (library default {transformers.SLOPE_KNEE:g})")
     parser.add_argument("--support", action="store_true",
                         help="conditional tasks: model the parameters through the prior box's "
                              "logit (tfp_naf.support, as NAFDensityModel(support=...))")
@@ -394,6 +397,8 @@ def main(argv=None) -> "list[dict]":
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
         NAF_KWARGS["initial_spread"] = args.initial_spread
+    if args.slope_knee is not None:
+        transformers.SLOPE_KNEE = args.slope_knee
     if args.slopes != "exp":
         _softplus_slopes(shifted=args.slopes == "softplus")
     if args.min_slope is not None:
