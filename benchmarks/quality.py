@@ -271,19 +271,26 @@ def _scale_pseudo_parameters(scale: float) -> None:
     transformers._SigmoidalTransformer._split_params = scaled_split
 
 
-def _softplus_slopes(shifted: bool = True) -> None:
-    """Diagnostic: slopes `a = softplus(a_raw + shift) + min_slope` (the library's map before).
+def _exp_slopes(knee: float = 7.0) -> None:
+    """Diagnostic: slopes `a = min_slope + (1 - min_slope) exp(a_raw)` (`a = 1` at 0).
 
-    `shift = log(expm1(1 - min_slope))` makes `a = 1` at `a_raw = 0`;
-    `shifted=False` drops it, as pyro's DSF.
+    Multiplicative learning of the slopes; beyond `a_raw = knee` the
+    exponential continues along its tangent, so `a` never overflows.
     """
-    def softplus_slopes(a_raw, min_slope):
+    def parts(a_raw, min_slope):
         dtype = a_raw.dtype
-        shift = np.log(np.expm1(1.0 - min_slope)) if shifted else 0.0
-        r = a_raw + tf.constant(shift, dtype)
-        return tf.math.softplus(r) + tf.constant(min_slope, dtype), tf.sigmoid(r)
+        c = tf.constant(knee, dtype)
+        scale = tf.constant(1.0 - min_slope, dtype) * tf.exp(tf.minimum(a_raw, c))
+        beyond = tf.where(a_raw > c, a_raw - c, tf.zeros_like(a_raw))
+        return tf.constant(min_slope, dtype) + scale * (1.0 + beyond), scale
 
-    transformers._slopes_and_derivative = softplus_slopes
+    transformers._slopes = lambda a_raw, min_slope: parts(a_raw, min_slope)[0]
+    transformers._slopes_derivative = lambda a_raw, min_slope: parts(a_raw, min_slope)[1]
+
+
+def _plain_softplus_slopes() -> None:
+    """Diagnostic: `a = softplus(a_raw) + min_slope` (no shift to `a = 1` at 0), as pyro's DSF."""
+    transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
 
 
 def _group_scales(spec: str) -> "dict[str, float]":
@@ -361,11 +368,11 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--param-scale", type=float, default=None,
                         help="diagnostic: multiply the NAF's pseudo-parameters by this before "
                              "the transformer (under Adam, a learning-rate multiplier on them)")
-    parser.add_argument("--slopes", choices=("exp", "softplus", "plain-softplus"),
-                        default="exp",
-                        help="diagnostic: the slopes' map; exp (the library's), softplus "
-                             "shifted to a = 1 at a_raw = 0 (the library's before), or "
-                             "pyro's unshifted softplus")
+    parser.add_argument("--slopes", choices=("softplus", "exp", "plain-softplus"),
+                        default="softplus",
+                        help="diagnostic: the slopes' map; softplus shifted to a = 1 at "
+                             "a_raw = 0 (the library's), a = min_slope + (1 - min_slope) "
+                             "exp(a_raw), or pyro's unshifted softplus")
     parser.add_argument("--min-slope", type=float, default=None,
                         help="diagnostic: the NAFs' min_slope "
                              f"(library default {transformers.DEFAULT_MIN_SLOPE:g})")
@@ -380,9 +387,9 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
-    parser.add_argument("--slope-knee", type=float, default=None,
-                        help="diagnostic: a_raw beyond which the exponential slopes grow "
-                             f"linearly (library default {transformers.SLOPE_KNEE:g})")
+    parser.add_argument("--slope-knee", type=float, default=7.0,
+                        help="diagnostic, with --slopes exp: a_raw beyond which the slopes "
+                             "grow linearly")
     parser.add_argument("--support", action="store_true",
                         help="conditional tasks: model the parameters through the prior box's "
                              "logit (tfp_naf.support, as NAFDensityModel(support=...))")
@@ -397,10 +404,10 @@ def main(argv=None) -> "list[dict]":
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
         NAF_KWARGS["initial_spread"] = args.initial_spread
-    if args.slope_knee is not None:
-        transformers.SLOPE_KNEE = args.slope_knee
-    if args.slopes != "exp":
-        _softplus_slopes(shifted=args.slopes == "softplus")
+    if args.slopes == "exp":
+        _exp_slopes(args.slope_knee)
+    elif args.slopes == "plain-softplus":
+        _plain_softplus_slopes()
     if args.min_slope is not None:
         NAF_KWARGS["min_slope"] = args.min_slope
     if args.output_init_scale is not None:

@@ -9,7 +9,7 @@ pseudo-parameters on their last axis; all other axes broadcast against `x`.
 Deep sigmoidal flow (DSF), with `K = num_units`:
 
     g(x) = logit( sum_k w_k sigmoid(a_k x + b_k) ),
-    a = min_slope + (1 - min_slope) exp(.) > 0,   w = softmax(.).
+    a = softplus(.) + min_slope > 0,   w = softmax(.).
 
 Deep dense sigmoidal flow (DDSF) stacks `num_layers` such layers, each of
 width `K`, with softmax-normalised mixing of its inputs `u` and outputs `w`:
@@ -98,35 +98,25 @@ def _mix(weights: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(weights * v[..., tf.newaxis, :], axis=-1)
 
 
-# Slopes grow exponentially in `a_raw` up to this value of it, linearly beyond.
-SLOPE_KNEE = 7.0
-
-
-def _slopes_and_derivative(a_raw, min_slope) -> "tuple[tf.Tensor, tf.Tensor]":
-    """`(a, da/da_raw)` for the slopes `a = min_slope + (1 - min_slope) exp(a_raw)`.
-
-    Exponential, so that `a = 1` at `a_raw = 0` and a step in `a_raw` changes
-    the slope by a factor: sharp units (large `a`) are learned in as few steps
-    as flat ones. This chose the slopes on validation data over a shifted
-    softplus, which grows only linearly and learned measurably slower
-    (`benchmarks/README.md`). Beyond `a_raw = SLOPE_KNEE` (`a` about 1100) the
-    exponential continues along its tangent, so `a` never overflows:
-
-        a = min_slope + (1 - min_slope) exp(c) (1 + a_raw - c),   a_raw > c.
-
-    In both pieces `da/da_raw = (1 - min_slope) exp(min(a_raw, c))`.
-    """
-    dtype = a_raw.dtype
-    knee = tf.constant(SLOPE_KNEE, dtype)
-    scale = tf.constant(1.0 - min_slope, dtype) * tf.exp(tf.minimum(a_raw, knee))
-    beyond = tf.where(a_raw > knee, a_raw - knee, tf.zeros_like(a_raw))  # One-sided at the knee.
-    a = tf.constant(min_slope, dtype) + scale * (1.0 + beyond)
-    return a, scale
+def _slope_shift(min_slope, dtype) -> tf.Tensor:
+    """The shift in `_slopes` that makes `a = 1` at `a_raw = 0`."""
+    return tf.constant(np.log(np.expm1(1.0 - min_slope)), dtype)
 
 
 def _slopes(a_raw, min_slope):
-    """`a` alone (see `_slopes_and_derivative`)."""
-    return _slopes_and_derivative(a_raw, min_slope)[0]
+    """`a = softplus(a_raw + shift) + min_slope`, with `a = 1` at `a_raw = 0`.
+
+    Chosen on validation data over an exponential map, `a = min_slope + (1 -
+    min_slope) exp(a_raw)`, which learned the 2-D shapes faster but overfit
+    MiniBooNE (`benchmarks/README.md`, "The slopes' map").
+    """
+    dtype = a_raw.dtype
+    return tf.math.softplus(a_raw + _slope_shift(min_slope, dtype)) + tf.constant(min_slope, dtype)
+
+
+def _slopes_derivative(a_raw, min_slope):
+    """`da/da_raw = sigmoid(a_raw + shift)` of `_slopes` (an exp and a reciprocal)."""
+    return tf.sigmoid(a_raw + _slope_shift(min_slope, a_raw.dtype))
 
 
 def _softmax_parts(logits):
@@ -191,13 +181,14 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
 
     where the last sum is at least `w_k* a_k* / 4` (`k*` the unit nearest its
     centre), so `log ds/dx` stays finite for any finite `x`. Per unit that is
-    four transcendental evaluations in all: `exp` for the slope, `exp` for the
-    softmax, `exp(m - |z|)` and one reciprocal. The three mixtures are separate
-    multiply-sums: in a same-process comparison that was faster than one
-    stacked reduction.
+    five transcendental evaluations in all: `exp` and `log1p` for the slope's
+    softplus, `exp` for the softmax, `exp(m - |z|)` and one reciprocal. The
+    three mixtures are separate multiply-sums and the softplus is TF's own
+    kernel: in a same-process comparison both were faster than one stacked
+    reduction and a softplus built from a shared `exp(-|r|)`.
     """
     dtype = x.dtype
-    a, da = _slopes_and_derivative(a_raw, min_slope)
+    a = _slopes(a_raw, min_slope)
     z = a * x[..., tf.newaxis] + b
     abs_z = tf.abs(z)
     m = tf.reduce_min(abs_z, axis=-1, keepdims=True)
@@ -222,7 +213,7 @@ def _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope):
         - m
         + tf.math.log(tf.maximum(slope_sum, tiny))
     )
-    parts = dict(a=a, da=da, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, ew=ew,
+    parts = dict(a=a, e_inv=e_inv, inv=inv, sig=sig, sig_neg=sig_neg, ew=ew,
                  inv_norm=inv_norm, s=s, s_neg=s_neg, q=q, t=t, slope_sum=slope_sum)
     return log_s - log_1ms, log_dh, parts
 
@@ -243,10 +234,10 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
                             - (gh_o + gl_o) sigmoid(-z_k) / (1 - s'_o))
                 + gl_o a_k sigmoid'(z_k) / D_o,
 
-    then through the slopes' map (`da/da_raw`, kept from the forward pass) and
-    the softmax. `r / a` and `a sigmoid' / D` use the `exp(m)`-scaled terms `q`
-    and `t`, so nothing overflows where `D` underflows. There are no
-    transcendental evaluations at all: everything is products and sums.
+    then through the slopes' softplus and the softmax. `r / a` and `a sigmoid' / D`
+    use the `exp(m)`-scaled terms `q` and `t`, so nothing overflows where `D`
+    underflows. Per unit the only transcendental evaluations are softplus'
+    (`sigmoid`: an exp and a reciprocal); everything else is products and sums.
     """
     p = parts
     ew, inv_norm = p["ew"], p["inv_norm"]
@@ -271,7 +262,7 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
     sig_prime = p["e_inv"] * p["inv"]
     grad_z = u * sig_prime + v * p["t"] * (p["sig_neg"] - p["sig"])
     grad_a = v * p["q"] + grad_z * x[..., tf.newaxis]
-    grad_a_raw = grad_a * p["da"]
+    grad_a_raw = grad_a * _slopes_derivative(a_raw, min_slope)
     grad_x = tf.reduce_sum(grad_z * p["a"], axis=-1)
     grad_w = (grad_pos[..., tf.newaxis] * p["sig"][..., tf.newaxis, :]
               - grad_neg[..., tf.newaxis] * p["sig_neg"][..., tf.newaxis, :]
@@ -649,7 +640,7 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
     ```none
     g(x) = logit( (1 - clip) * s(x) + clip / 2 ),
     s(x) = sum_k w_k sigmoid(a_k x + b_k),
-    a = min_slope + (1 - min_slope) exp(a_raw),  w = softmax(w_logits),
+    a = softplus(a_raw) + min_slope,  w = softmax(w_logits),
     log g'(x) = log(1 - clip) - log s' - log(1 - s')
                 + logsumexp_k( log w_k + log a_k + log sigmoid(z_k)
                                + log sigmoid(-z_k) ),   z_k = a_k x + b_k.
@@ -763,7 +754,7 @@ class DeepDenseSigmoidalFlow(_SigmoidalTransformer):
     ```none
     h'_o = logit( (1 - clip) * sum_k w_ok sigmoid(a_k sum_j u_kj h_j + b_k)
                   + clip / 2 ),
-    a = min_slope + (1 - min_slope) exp(a_raw),  w = softmax_k(w_logits),
+    a = softplus(a_raw) + min_slope,  w = softmax_k(w_logits),
     u = softmax_j(u_logits).
     ```
 
