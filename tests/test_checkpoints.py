@@ -5,6 +5,7 @@ restored into freshly built objects must continue exactly where the straight run
 would have been: the same losses step by step and the same final weights.
 """
 
+import functools
 import gc
 import json
 import re
@@ -83,24 +84,26 @@ def _density_nll(model):
     return lambda x: -tf.reduce_mean(model.log_prob(x))
 
 
-def test_custom_loop_resumes_exactly_from_a_checkpoint(tmp_path, batches):
+@pytest.mark.parametrize("transformer", ["dsf", "ddsf-shared"])
+def test_custom_loop_resumes_exactly_from_a_checkpoint(tmp_path, batches, transformer):
     data = _schedule(batches)
     half = STEPS // 2
+    build = functools.partial(_model, transformer=transformer)
 
-    straight, straight_opt = _model(0), _adam()
+    straight, straight_opt = build(0), _adam()
     straight.adapt(np.concatenate(batches))
     straight_losses = _train(_density_nll(straight), straight.trainable_variables,
                              straight_opt, data)
     assert straight_losses[-1] < straight_losses[0] - 0.05  # It trains.
 
-    first, first_opt = _model(0), _adam()
+    first, first_opt = build(0), _adam()
     first.adapt(np.concatenate(batches))
     first_losses = _train(_density_nll(first), first.trainable_variables, first_opt, data[:half])
     path = tf.train.Checkpoint(model=first, optimizer=first_opt).save(str(tmp_path / "ckpt"))
     assert tf.train.latest_checkpoint(str(tmp_path)) == path
 
     # A fresh model (other initial weights, no standardisation) and a fresh optimizer.
-    resumed, resumed_opt = _model(7), _adam()
+    resumed, resumed_opt = build(7), _adam()
     x = batches[0]
     assert not np.allclose(resumed.log_prob(x), first.log_prob(x))
     status = tf.train.Checkpoint(model=resumed, optimizer=resumed_opt).restore(path)
@@ -118,7 +121,7 @@ def test_custom_loop_resumes_exactly_from_a_checkpoint(tmp_path, batches):
 
     # The check can fail: restoring the model without its optimizer state (fresh
     # moments, step 0 of the schedule) takes another path.
-    no_opt, no_opt_opt = _model(7), _adam()
+    no_opt, no_opt_opt = build(7), _adam()
     tf.train.Checkpoint(model=no_opt).restore(path).expect_partial()
     _train(_density_nll(no_opt), no_opt.trainable_variables, no_opt_opt, data[half:])
     assert not np.allclose(no_opt.log_prob(x), straight.log_prob(x), rtol=1e-4, atol=1e-4)
@@ -276,7 +279,7 @@ def test_matching_checkpoint_is_fully_consumed(trained_checkpoint, batches):
 
 
 @pytest.mark.parametrize("overrides", [dict(hidden_units=[32]), dict(event_size=3),
-                                       dict(num_units=8)])
+                                       dict(num_units=8), dict(transformer="ddsf-shared")])
 def test_checkpoint_of_other_shapes_is_refused(trained_checkpoint, overrides):
     path, _ = trained_checkpoint
     with pytest.raises(ValueError, match=r"incompatible tensor with shape \(.*\) when "

@@ -124,6 +124,33 @@ def test_fit_sample_log_prob_round_trip_npy(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy", "lp.npy", "model", "s.npy"]
 
 
+def test_fit_ddsf_shared_then_sample_and_log_prob(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "ddsf-shared" in capsys.readouterr().out
+    data = tmp_path / "data.npy"
+    np.save(data, datasets.make_toy("2spirals", 128, seed=0))
+    model = tmp_path / "model"
+    assert run(capsys, "fit", data, "--out", model, "--epochs", "1", "--batch-size", "32",
+               "--validation-split", "0", "--quiet", "--transformer", "ddsf-shared",
+               "--layers", "3", *TINY)[0] == 0  # 4 steps.
+    config = json.loads((model / "config.json").read_text())["model"]
+    assert config["transformer"] == "ddsf-shared" and config["num_layers"] == 3
+    samples = tmp_path / "s.npy"
+    assert run(capsys, "sample", model, "-n", "20", "--out", samples, "--seed", "2")[0] == 0
+    drawn = np.load(samples)
+    assert drawn.shape == (20, 2) and np.all(np.isfinite(drawn))
+    lp = tmp_path / "lp.npy"
+    assert run(capsys, "log-prob", model, samples, "--out", lp)[0] == 0
+    values = np.load(lp)
+    assert values.shape == (20,) and np.all(np.isfinite(values))
+    # The folder's weights (the shared mixing ones included) give the same density.
+    from tfp_naf.model_io import load_model_dir
+
+    loaded, _ = load_model_dir(model)
+    np.testing.assert_allclose(values, loaded.log_prob(drawn).numpy(), rtol=1e-5)
+
+
 def test_bad_input(tmp_path, capsys):
     def write(name, text):
         path = tmp_path / name

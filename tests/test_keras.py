@@ -14,13 +14,17 @@ from tfp_naf import conditioners, datasets
 from tfp_naf import flow as flow_module
 from tfp_naf.keras import (
     NAFDensityModel,
+    _nafs,
     check_keras_model,
     export_saved_model,
     flow_kwargs,
     make_flow,
 )
+from tfp_naf.model_io import load_model_dir, save_model_dir
+from tfp_naf.transformers import SharedDenseSigmoidalFlow
 
 SMALL = dict(num_flows=2, hidden_units=[16], num_units=8)
+SHARED = dict(transformer="ddsf-shared", num_flows=2, hidden_units=[8], num_units=3)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +160,89 @@ def test_save_weights_round_trip(tmp_path):
     other = NAFDensityModel(event_size=3, conditional_size=2, context_units=5, **SMALL)
     with pytest.raises(ValueError, match="config"):
         other.load_weights(str(tmp_path / "w.h5"))
+
+
+def _mixing(model):
+    """The shared mixing-logit variables of a "ddsf-shared" model, one per NAF."""
+    return [naf.transformer.mixing_logits for naf in _nafs(model.flow.bijector)]
+
+
+def test_ddsf_shared_honours_num_layers_and_fit_trains_its_mixing_weights():
+    for layers in (1, 3):
+        flow = make_flow(2, num_layers=layers, **SHARED)
+        for naf in _nafs(flow.bijector):
+            assert isinstance(naf.transformer, SharedDenseSigmoidalFlow)
+            assert naf.transformer.num_layers == layers
+            assert naf.num_params == SharedDenseSigmoidalFlow.num_params(3, layers)
+            size = SharedDenseSigmoidalFlow.num_mixing_params(3, layers)
+            assert naf.transformer.mixing_logits.shape == [size]
+            assert any(v is naf.transformer.mixing_logits for v in flow.trainable_variables)
+    model = NAFDensityModel(event_size=2, num_layers=3, **SHARED)
+    assert model.get_config()["transformer"] == "ddsf-shared"
+    assert model.get_config()["num_layers"] == 3
+    mixing = _mixing(model)
+    assert len(mixing) == 2
+    for variable in mixing:
+        assert variable.trainable
+        assert sum(v is variable for v in model.trainable_variables) == 1
+    before = [v.numpy().copy() for v in mixing]
+    x = datasets.make_toy("8gaussians", 96, seed=0)
+    model.adapt(x)
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2))
+    model.fit(x, batch_size=32, epochs=1, verbose=0)  # 3 steps.
+    assert int(model.optimizer.iterations) == 3
+    for old, variable in zip(before, mixing, strict=True):
+        assert np.abs(variable.numpy() - old).max() > 1e-4
+
+
+def test_ddsf_shared_round_trips_exactly_through_every_format(tmp_path):
+    import tensorflow as tf
+
+    kwargs = dict(event_size=3, conditional_size=1, num_layers=2, **SHARED)
+    model = NAFDensityModel(**kwargs)
+    _randomize_model(model)
+    gen = tf.random.Generator.from_seed(4)
+    for variable in _mixing(model):
+        variable.assign(variable + 0.5 * gen.normal(variable.shape))
+    rng = np.random.default_rng(0)
+    model.adapt(rng.normal(1.0, 2.0, size=(64, 3)), rng.normal(size=(64, 1)))
+    x = rng.normal(1.0, 2.0, size=(9, 3)).astype("float32")
+    c = rng.normal(size=(9, 1)).astype("float32")
+    expected = model.log_prob(x, c).numpy()
+
+    def check(clone):
+        for mine, theirs in zip(_mixing(model), _mixing(clone), strict=True):
+            np.testing.assert_array_equal(theirs.numpy(), mine.numpy())
+        np.testing.assert_array_equal(clone.log_prob(x, c).numpy(), expected)
+
+    for name in ("ckpt", "w.h5", "w.weights.h5"):
+        path = str(tmp_path / name)
+        model.save_weights(path)
+        tf_keras.utils.set_random_seed(1)
+        clone = NAFDensityModel(**kwargs)
+        assert not np.allclose(_mixing(clone)[0].numpy(), _mixing(model)[0].numpy())
+        clone.load_weights(path)
+        check(clone)
+        # Weights of another depth (other mixing and MADE shapes) are refused.
+        with pytest.raises(ValueError, match="config"):
+            NAFDensityModel(**dict(kwargs, num_layers=3)).load_weights(path)
+    model.save(str(tmp_path / "m.keras"))
+    check(tf_keras.models.load_model(str(tmp_path / "m.keras"),
+                                     custom_objects={"NAFDensityModel": NAFDensityModel}))
+    save_model_dir(model, tmp_path / "folder", saved_model=True)
+    folder_model, config = load_model_dir(tmp_path / "folder")
+    assert config["model"]["transformer"] == "ddsf-shared"
+    check(folder_model)
+    # The SavedModel holds the mixing weights and computes the same density.
+    exported = tf.saved_model.load(str(tmp_path / "folder" / "saved_model"))
+    saved = {v.name: v.numpy() for v in exported.model_variables}
+    for variable in _mixing(model):
+        np.testing.assert_array_equal(saved[variable.name], variable.numpy())
+    # Its weights are exact; the loaded graph's arithmetic (optimised by TensorFlow
+    # at load time) can differ from the model's by float32 rounding (one ulp seen).
+    np.testing.assert_allclose(
+        exported.log_prob(tf.constant(x), tf.constant(c))["log_prob"].numpy(), expected,
+        rtol=1e-6, atol=0)
 
 
 _FRESH = textwrap.dedent("""

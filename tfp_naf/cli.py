@@ -161,12 +161,15 @@ def _join_negative_values(argv: "list[str]") -> "list[str]":
 
 def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, units: int) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--transformer", choices=("dsf", "ddsf"), default="dsf",
-                   help="deep sigmoidal (dsf) or deep dense sigmoidal (ddsf) flow")
+    g.add_argument("--transformer", choices=("dsf", "ddsf", "ddsf-shared"), default="dsf",
+                   help="deep sigmoidal (dsf) or deep dense sigmoidal (ddsf) flow, or "
+                        "ddsf-shared: DDSF whose mixing matrices are learned weights shared "
+                        "by all dimensions (the original NAF code's form; far fewer MADE "
+                        "outputs than ddsf)")
     g.add_argument("--units", type=_positive(int), default=units,
                    help="sigmoid units per transformer layer (default %(default)s)")
     g.add_argument("--layers", type=_positive(int), default=2,
-                   help="transformer layers, ddsf only (default %(default)s)")
+                   help="transformer layers, ddsf and ddsf-shared only (default %(default)s)")
     g.add_argument("--flows", type=_positive(int), default=flows,
                    help="NAFs chained, with reversals between (default %(default)s)")
     g.add_argument("--hidden", type=_int_list, default=hidden,

@@ -91,9 +91,11 @@ def make_flow(
 
     Args:
       event_size: `D`, the number of dimensions of `x`.
-      transformer: "dsf" or "ddsf".
+      transformer: "dsf", "ddsf" or "ddsf-shared" (DDSF whose mixing
+        matrices are learned variables of each NAF, shared by all dimensions;
+        they are among the flow's `trainable_variables`).
       num_units: sigmoid units per transformer layer.
-      num_layers: transformer layers (DDSF only).
+      num_layers: transformer layers ("ddsf" and "ddsf-shared" only).
       num_flows: how many NAFs to chain.
       hidden_units: hidden layer widths of each MADE conditioner.
       conditional_size: size of the condition `c` for `p(x | c)`, or None.
@@ -607,6 +609,15 @@ class NAFDensityModel(tf_keras.Model):
                 f"{self.name!r} has {len(variables)} variables, but the saved weights "
                 f"hold {len(store.keys())}: the model was saved with another config."
             )
+        for i, variable in enumerate(variables):  # Checked before anything is assigned.
+            saved_shape = tuple(np.shape(store[str(i)]))
+            if saved_shape != tuple(variable.shape.as_list()):
+                raise ValueError(
+                    f"{self.name!r}: saved weight {i} has shape {saved_shape}, "
+                    f"{variable.name} has {tuple(variable.shape.as_list())}: the model was "
+                    "saved with another config (num_units, num_layers, transformer, ...); "
+                    "nothing was loaded."
+                )
         if self._support is not None:  # Checked before anything is assigned.
             index = {id(v): str(i) for i, v in enumerate(variables)}
             problem = self._support_mismatch(*(np.asarray(store[index[id(v)]])
