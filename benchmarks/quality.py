@@ -293,7 +293,7 @@ def _plain_softplus_slopes() -> None:
     transformers._slope_shift = lambda min_slope, dtype: tf.constant(0.0, dtype)
 
 
-def _group_scales(spec: str) -> "dict[str, float]":
+def _group_scales(spec: str) -> None:
     """Diagnostic: per-group factors on the first layer's pseudo-parameters, `a=3,b=2,w=1`.
 
     Each group `p` is read as `p0 + S (p - p0)` with `p0` its value in
@@ -308,14 +308,14 @@ def _group_scales(spec: str) -> "dict[str, float]":
         a_raw, b, w, u = layers[0]
         k = self.num_units
         spread = NAF_KWARGS.get("initial_spread", DEFAULT_INITIAL_SPREAD)
-        b0 = tf.constant(-np.linspace(-spread, spread, k), b.dtype)
+        b0 = tf.constant(transformers.DeepSigmoidalFlow.initial_params(k, 1, spread)[k:2 * k],
+                         b.dtype)
         a_raw = a_raw * scales.get("a", 1.0)
         b = b0 + (b - b0) * scales.get("b", 1.0)
         w = w * scales.get("w", 1.0)
         return [(a_raw, b, w, u)] + layers[1:]
 
     transformers._SigmoidalTransformer._split_params = scaled_split
-    return scales
 
 
 def cell(runs: "list[dict]") -> str:
