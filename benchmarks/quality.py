@@ -47,7 +47,7 @@ import tensorflow as tf
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
-from tfp_naf.flow import DEFAULT_INITIAL_SPREAD
+from tfp_naf.flow import DEFAULT_BASE_RATE, DEFAULT_INITIAL_SPREAD
 from tfp_naf.support import BoxSupport
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -318,38 +318,6 @@ def _group_scales(spec: str) -> None:
     transformers._SigmoidalTransformer._split_params = scaled_split
 
 
-def _base_rate(rate: float) -> None:
-    """Diagnostic: each NAF also learns unconditioned base parameters `beta` `[D, P]`.
-
-    `theta = conditioner(x) + rate * beta`, `beta` starting at 0: under Adam the
-    per-dimension offsets (the MADE's output bias alone moves about one
-    learning rate per step, while a weighted sum of 64 hidden units moves
-    tens of times faster) learn about `1 + rate` times faster. Tests whether
-    the unconditioned parts (the first dimension's parameters are the bias
-    alone) are what learns too slowly.
-    """
-    from benchmarks import models
-    from tfp_naf import flow
-
-    layer = models._layer
-
-    def with_base(*args, **kwargs):
-        naf, cond = layer(*args, **kwargs)
-        if isinstance(naf, flow.NeuralAutoregressiveFlow):
-            naf._extra_base = tf.Variable(
-                tf.zeros([naf.event_size, naf.num_params], naf.dtype), name="extra_base")
-        return naf, cond
-
-    theta = flow.NeuralAutoregressiveFlow._theta
-
-    def with_base_theta(self, x, ckwargs):
-        t = theta(self, x, ckwargs)
-        return t + tf.constant(rate, t.dtype) * self._extra_base
-
-    models._layer = with_base
-    flow.NeuralAutoregressiveFlow._theta = with_base_theta
-
-
 def cell(runs: "list[dict]") -> str:
     """One seed: `nll ± SE over test points`; several: `mean ± SE over seeds (n)`."""
     values = np.array([r["test_nll"] for r in runs], np.float64)
@@ -417,8 +385,9 @@ def main(argv=None) -> "list[dict]":
                         help="diagnostic: factors on the first layer's pseudo-parameter "
                              "groups, e.g. a=3,b=1,w=1 (a learning-rate multiplier per group)")
     parser.add_argument("--base-rate", type=float, default=None,
-                        help="diagnostic: learned unconditioned base parameters per "
-                             "dimension, read at this factor (a learning-rate multiplier)")
+                        help="diagnostic: the NAFs' base_rate, the learning-rate factor of "
+                             "their unconditioned base parameters (library default "
+                             f"{DEFAULT_BASE_RATE:g}; 0: none)")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
@@ -436,7 +405,7 @@ def main(argv=None) -> "list[dict]":
     if args.group_scales is not None:
         _group_scales(args.group_scales)
     if args.base_rate is not None:
-        _base_rate(args.base_rate)
+        NAF_KWARGS["base_rate"] = args.base_rate
     if args.activation is not None:
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:

@@ -186,7 +186,7 @@ def _inverse_stats(to_noise, x) -> dict:
     naf = to_noise.bijectors[-1]  # The layer that sees the data first.
     transformer = naf.transformer
     z1 = tf.constant(naf.forward(x).numpy())
-    theta = naf.conditioner(x)  # Each pass of the inverse sees theta(x) at the end.
+    theta = naf.transformer_params(x)  # Each pass of the inverse sees theta(x) at the end.
     iterations = []
     for d in range(D):
         y, p = z1[:, d], theta[:, d]

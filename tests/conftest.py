@@ -30,6 +30,10 @@ def randomize(naf, scale=0.3, seed=0):
                 else None
             )
             w.assign(constraint(new) if constraint is not None else new)
+    beta = getattr(naf, "base_params", None)
+    if beta is not None:  # The unconditioned base parameters move too.
+        beta.assign(beta + tf.cast(scale / max(naf.base_rate, 1.0), beta.dtype)
+                    * gen.normal(beta.shape, dtype=beta.dtype))
     return naf
 
 

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
+from conftest import randomize
 
 import tfp_naf
 from tfp_naf import datasets
@@ -228,7 +229,8 @@ def test_bare_flow_chain_resumes_exactly_from_a_checkpoint(tmp_path, batches):
     half = STEPS // 2
 
     straight, straight_opt = _chain(0), _adam()
-    assert len(straight.trainable_variables) == 8  # Both MADEs are seen through the Chain.
+    # Both MADEs (4 variables each) and both base parameters are seen through the Chain.
+    assert len(straight.trainable_variables) == 10
     straight_losses = _train(_chain_nll(straight), straight.trainable_variables, straight_opt,
                              data)
     assert straight_losses[-1] < straight_losses[0] - 0.05
@@ -326,16 +328,39 @@ def test_load_weights_missing_or_mismatched_is_a_clear_error(tmp_path):
             model.load_weights(str(tmp_path / name))
     model.save_weights(str(tmp_path / "w"))
     # Refused before anything is restored: the model keeps its own weights.
-    for overrides, match in [(dict(hidden_units=[32]), "hold 8 flow variables, .* has 8 of "
+    # Each flow: a MADE's 4 variables and its base parameters.
+    for overrides, match in [(dict(hidden_units=[32]), "hold 10 flow variables, .* has 10 of "
                                                         "other shapes"),
-                             (dict(num_flows=1), "hold 8 flow variables, .* has 4"),
-                             (dict(num_flows=3), "hold 8 flow variables, .* has 12")]:
+                             (dict(num_flows=1), "hold 10 flow variables, .* has 5"),
+                             (dict(num_flows=3), "hold 10 flow variables, .* has 15"),
+                             (dict(base_rate=0.0), "hold 10 flow variables, .* has 8")]:
         other = _model(1, **overrides)
         before = [v.numpy() for v in other.variables]
         with pytest.raises(ValueError, match=match + ".*another config.*nothing was loaded"):
             other.load_weights(str(tmp_path / "w"))
         for v, value in zip(other.variables, before, strict=True):
             np.testing.assert_array_equal(v.numpy(), value)
+
+
+def test_model_folder_saved_before_base_rate_existed_loads_as_trained(tmp_path, batches):
+    # A config written by an older tfp_naf has no `base_rate`: its flows had no base
+    # parameters, and it must load so, with the same density.
+    model = _model(0, base_rate=0.0)
+    for naf in model.flow.bijector.bijector.bijectors[::2]:
+        randomize(naf, scale=0.2)
+    folder = save_model_dir(model, tmp_path / "model")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["model"].pop("base_rate") == 0.0
+    config_file.write_text(json.dumps(config))
+    loaded, _ = load_model_dir(folder)
+    assert loaded.get_config()["base_rate"] == 0.0
+    np.testing.assert_array_equal(loaded.log_prob(batches[1]), model.log_prob(batches[1]))
+    # A model with base parameters does not load into one without them.
+    with_base = _model(0)
+    with_base.save_weights(str(tmp_path / "w.weights.h5"))
+    with pytest.raises(ValueError, match="another config"):
+        _model(0, base_rate=0.0).load_weights(str(tmp_path / "w.weights.h5"))
 
 
 def test_model_folder_with_weights_of_another_config_is_refused(tmp_path, batches):
@@ -347,7 +372,7 @@ def test_model_folder_with_weights_of_another_config_is_refused(tmp_path, batche
     np.testing.assert_array_equal(loaded.log_prob(batches[1]), model.log_prob(batches[1]))
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    for change, match in [({"num_flows": 1}, "hold 8 flow variables, 'naf_density_model' has 4"),
+    for change, match in [({"num_flows": 1}, "hold 10 flow variables, 'naf_density_model' has 5"),
                           ({"num_flows": 3}, "do not fit the config"),
                           ({"hidden_units": [8]}, "do not fit the config")]:
         edited = dict(config, model=dict(config["model"], **change))

@@ -133,9 +133,10 @@ def test_fit_ddsf_shared_then_sample_and_log_prob(tmp_path, capsys):
     model = tmp_path / "model"
     assert run(capsys, "fit", data, "--out", model, "--epochs", "1", "--batch-size", "32",
                "--validation-split", "0", "--quiet", "--transformer", "ddsf-shared",
-               "--layers", "3", *TINY)[0] == 0  # 4 steps.
+               "--layers", "3", "--base-rate", "2.5", *TINY)[0] == 0  # 4 steps.
     config = json.loads((model / "config.json").read_text())["model"]
     assert config["transformer"] == "ddsf-shared" and config["num_layers"] == 3
+    assert config["base_rate"] == 2.5
     samples = tmp_path / "s.npy"
     assert run(capsys, "sample", model, "-n", "20", "--out", samples, "--seed", "2")[0] == 0
     drawn = np.load(samples)
@@ -208,6 +209,11 @@ def test_bad_input(tmp_path, capsys):
         main(["fit", str(good), "--out", str(model), "--hidden", "a,b"])
     assert e.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", str(good), "--out", str(model), "--base-rate", bad])
+        assert e.value.code == 2
+        assert "--base-rate: must be finite and >= 0" in capsys.readouterr().err
 
 
 def test_interrupted_model_write_leaves_the_old_folder_whole(tmp_path, capsys, monkeypatch):

@@ -190,7 +190,8 @@ def test_round_trips(variant, dtype, tol):
     z_resolution = 4.0 * eps * (1.0 + np.abs(z.numpy()))
     z_back = naf.forward(tf.identity(x_back), **kwargs).numpy()
     assert np.all(np.abs(z_back - z.numpy()) <= z_resolution)
-    log_deriv = naf.transformer.forward_and_log_derivative(x, naf.conditioner(x, **kwargs))[1]
+    theta = naf.transformer_params(x, **kwargs)
+    log_deriv = naf.transformer.forward_and_log_derivative(x, theta)[1]
     assert np.all(np.abs(x_back - x) <= tol + z_resolution / np.exp(log_deriv.numpy()))
     noise = np.random.default_rng(3).normal(size=x.shape).astype(x.dtype)
     x_from_noise = naf.inverse(noise, **kwargs)
@@ -198,7 +199,7 @@ def test_round_trips(variant, dtype, tol):
     z_back = naf.forward(tf.identity(x_from_noise), **kwargs).numpy()
     # z_i outside the range (g(-inf), g(+inf)) of its transformer (for DDSF it
     # depends on the parameters, so it can be narrow) comes back clamped to it.
-    theta = naf.conditioner(x_from_noise, **kwargs)
+    theta = naf.transformer_params(x_from_noise, **kwargs)
     low, high = (t.numpy() for t in naf.transformer.forward_limits(theta))
     inside = (noise > low) & (noise < high)
     assert inside.mean() > 0.7
@@ -452,6 +453,53 @@ def test_user_supplied_conditioner():
     assert np.abs(jacobian[:, 0, 1:]).min() > 0
 
 
+@pytest.mark.parametrize("variant", ["dsf-cond", "ddsf-cond-compact"])
+def test_base_params_enter_theta_with_their_rate_and_gradient(variant):
+    naf = build(variant, 3, tf.float64, seed=4)
+    assert naf.base_rate == tfp_naf.flow.DEFAULT_BASE_RATE > 0
+    beta = naf.base_params
+    assert beta.shape == (3, naf.num_params) and np.abs(beta.numpy()).max() > 0
+    assert any(v is beta for v in naf.trainable_variables)
+    x, kwargs = data(naf, n=5, seed=1)
+    with tf.GradientTape() as tape:
+        theta = naf.transformer_params(x, **kwargs)
+        z, log_deriv = naf.transformer.forward_and_log_derivative(x, theta)
+        loss = tf.reduce_sum(z**2) - tf.reduce_sum(log_deriv)
+    grad_theta, grad_beta = tape.gradient(loss, [theta, beta])
+    np.testing.assert_allclose(
+        theta, naf.conditioner(x, **kwargs) + naf.base_rate * beta.numpy(), rtol=1e-12)
+    # d loss / d beta = r * (d loss / d theta summed over the batch).
+    np.testing.assert_allclose(grad_beta, naf.base_rate * grad_theta.numpy().sum(0), rtol=1e-10)
+    # The flow's own forward pass uses the same theta.
+    np.testing.assert_allclose(naf.forward(x, **kwargs), z, rtol=1e-12)
+
+
+def test_base_rate_options():
+    p = NeuralAutoregressiveFlow.conditioner_params("dsf", 4)
+    made = tfb.AutoregressiveNetwork(params=p, event_shape=[3], hidden_units=[8])
+    naf = NeuralAutoregressiveFlow(made, transformer="dsf", num_units=4)
+    assert naf.base_rate == 0.0 and naf.base_params is None  # A conditioner you pass is kept.
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(naf.transformer_params(x), made(x))
+    naf = NeuralAutoregressiveFlow(made, transformer="dsf", num_units=4, base_rate=3.0)
+    assert naf.base_rate == 3.0 and naf.base_params.shape == (3, p)
+    naf = build("dsf", 3, randomized=False, base_rate=0.0)
+    assert naf.base_params is None
+    assert not any("base_params" in v.name for v in naf.trainable_variables)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="base_rate"):
+            build("dsf", 3, randomized=False, base_rate=bad)
+    class NoEventShape(tf.Module):
+        params, dtype = p, tf.float32
+
+        def __call__(self, x):
+            return made(x)
+
+    unknown = NoEventShape()
+    with pytest.raises(ValueError, match="event size"):
+        NeuralAutoregressiveFlow(unknown, transformer="dsf", num_units=4, base_rate=1.0)
+
+
 def test_wrong_conditioner_params_names_expected_number():
     made = tfb.AutoregressiveNetwork(params=12, event_shape=[3], hidden_units=[8])
     expected = NeuralAutoregressiveFlow.conditioner_params("dsf", 8)
@@ -510,7 +558,7 @@ def test_fresh_flow_starts_at_its_initial_transformer(variant, spread, monkeypat
     x, kwargs = data(naf, n=4, scale=1.0)
     # Every dimension's parameters start near the transformer's initial_params...
     start = type(naf.transformer).initial_params(4, naf.transformer.num_layers, spread)
-    theta = naf.conditioner(x, **kwargs).numpy()
+    theta = naf.transformer_params(x, **kwargs).numpy()
     np.testing.assert_allclose(theta, np.broadcast_to(start, theta.shape), atol=0.1)
     # ... so the flow starts as that transformer applied to each dimension:
     # the identity at spread 0, a monotone map with spread-out units otherwise.
@@ -538,7 +586,7 @@ def test_fresh_flow_has_distinct_transformer_units(variant):
     # (The slopes start equal up to the small random output layer.)
     naf = build(variant, 3, randomized=False)
     x, kwargs = data(naf, n=4, scale=1.0)
-    theta = naf.conditioner(x, **kwargs).numpy()
+    theta = naf.transformer_params(x, **kwargs).numpy()
     k = naf.transformer.num_units
     a_raw = theta[..., :k]  # The slopes of the first layer, per dimension.
     assert np.all(a_raw.std(axis=-1) > 1e-2 * conditioners.OUTPUT_INIT_SCALE), a_raw

@@ -49,8 +49,11 @@ def test_make_flow_is_standard_normal_at_start_and_tracks_variables(monkeypatch)
     x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
     expected = -0.5 * np.sum(x**2, axis=-1) - 1.5 * np.log(2 * np.pi)
     np.testing.assert_allclose(flow.log_prob(x), expected, atol=0.1)
-    # Two MADEs with one hidden layer: 2 x (2 kernels + 2 biases).
-    assert len(flow.trainable_variables) == 8
+    # Two MADEs with one hidden layer: 2 x (2 kernels + 2 biases), and each NAF's
+    # base parameters.
+    assert len(flow.trainable_variables) == 10
+    assert sum("base_params" in v.name for v in flow.trainable_variables) == 2
+    assert len(make_flow(3, base_rate=0.0, **SMALL).trainable_variables) == 8
     cflow = make_flow(3, conditional_size=2, **SMALL)
     c = np.ones([5, 2], "float32")
     assert cflow.log_prob(x, bijector_kwargs=flow_kwargs(cflow, c)).shape == (5,)

@@ -107,8 +107,8 @@ def _non_negative(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
     return value
 
 
@@ -176,6 +176,10 @@ def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, unit
                    help="MADE hidden widths, e.g. 64,64 (default %(default)s)")
     g.add_argument("--context-units", type=_positive(int), default=None,
                    help="use the compact conditioner with this many features per dimension")
+    g.add_argument("--base-rate", type=_non_negative, default=None, metavar="R",
+                   help="learning-rate factor of each flow's unconditioned base parameters "
+                        "(theta = MADE(x) + R * beta); 0 for none (default: the library's, "
+                        "tfp_naf.flow.DEFAULT_BASE_RATE)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
 def _model_kwargs(args) -> dict:
     return dict(transformer=args.transformer, num_units=args.units, num_layers=args.layers,
                 num_flows=args.flows, hidden_units=args.hidden,
-                context_units=args.context_units)
+                context_units=args.context_units, base_rate=args.base_rate)
 
 
 def _settings(args) -> dict:

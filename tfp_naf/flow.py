@@ -16,6 +16,9 @@ from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
 # Initial spread of the built conditioner's sigmoid centres (see `initial_spread`),
 # chosen on validation data (benchmarks/README.md).
 DEFAULT_INITIAL_SPREAD = 2.0
+# Learning-rate factor of the built conditioner's unconditioned base parameters
+# (see `base_rate`), chosen on validation data (benchmarks/README.md).
+DEFAULT_BASE_RATE = 10.0
 
 tfb = tfp.bijectors
 
@@ -50,7 +53,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
     MADE *conditioner*:
 
     ```none
-    z_i = g(x_i; theta_i),    theta = conditioner(x, c)  (theta_i sees x_<i)
+    z_i = g(x_i; theta_i),    theta = conditioner(x, c) + r beta  (theta_i sees x_<i)
     log |det dz/dx| = sum_i log g'(x_i; theta_i)
     ```
 
@@ -126,6 +129,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         conditional_input_layers: str = "all_layers",
         context_units: "int | None" = None,
         initial_spread: "float | None" = None,
+        base_rate: "float | None" = None,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
         tail_slope: "float | None" = None,
@@ -167,6 +171,18 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             rather than stacked at 0. 0 starts every flow near the identity.
             None means `DEFAULT_INITIAL_SPREAD` (2), chosen on validation data
             (benchmarks/README.md). Ignored for a conditioner you pass in.
+          base_rate: `r >= 0`. The flow also learns unconditioned base
+            parameters `beta` (`[D, P]`, starting at 0) and uses
+            `theta = conditioner(x, c) + r * beta`. Under Adam-like optimisers
+            each variable moves about one learning rate per step, so the
+            per-dimension offsets of `theta` (held by the MADE's output bias
+            alone, which is all the first dimension has) learn about `1 + r`
+            times faster while the conditioned part is unchanged. (Plain SGD
+            moves them `1 + r^2` times faster: with SGD use a smaller rate, or
+            0.) None means
+            `DEFAULT_BASE_RATE` (10, chosen on validation data,
+            benchmarks/README.md) for a built conditioner and 0 (no base
+            parameters) for a conditioner you pass in.
           clip, min_slope: transformer options (see `DeepSigmoidalFlow`).
           tail_slope: slope of the transformer's linear tail; None keeps the
             transformer's default (0 for DSF, 1e-3 for DDSF, whose range would
@@ -186,7 +202,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             num_layers = 1 if transformer_cls is TRANSFORMERS["dsf"] else int(num_layers)
             num_params = transformer_cls.num_params(int(num_units), num_layers)
             event_shape = _as_shape(event_shape)
-            if conditioner is None:
+            built = conditioner is None
+            if built:
                 if event_shape is None:
                     raise ValueError(
                         "`event_shape` is required when no `conditioner` is given."
@@ -220,6 +237,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             self._event_size = None if event_shape is None else int(event_shape[-1])
             self._conditional_size = self._conditioner_conditional_size(conditioner)
             self._num_params = num_params
+            self._base_rate, self._base_params = self._make_base(
+                base_rate, built, self._event_size, num_params, dtype)
             shared = {}
             if hasattr(transformer_cls, "num_mixing_params"):
                 # Shared mixing logits (SharedDenseSigmoidalFlow): learned, not
@@ -327,6 +346,23 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         return net
 
     @staticmethod
+    def _make_base(base_rate, built, event_size, num_params, dtype):
+        """`(rate, beta)`: the base parameters' factor and variable (None when the rate is 0)."""
+        if base_rate is None:
+            base_rate = DEFAULT_BASE_RATE if built else 0.0
+        rate = float(base_rate)
+        if not np.isfinite(rate) or rate < 0.0:
+            raise ValueError(f"`base_rate` must be finite and >= 0; got {base_rate}.")
+        if rate == 0.0:
+            return 0.0, None
+        if event_size is None:
+            raise ValueError(
+                "`base_rate` > 0 needs the event size: pass `event_shape` (or a "
+                "conditioner with an `event_shape`), or `base_rate=0`.")
+        beta = tf.Variable(tf.zeros([event_size, num_params], dtype), name="base_params")
+        return rate, beta
+
+    @staticmethod
     def _check_conditioner(conditioner, num_params, event_shape):
         if not callable(conditioner):
             raise TypeError(f"`conditioner` must be callable; got {conditioner!r}.")
@@ -376,6 +412,22 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
     @property
     def event_size(self) -> "int | None":
         return self._event_size
+
+    @property
+    def base_rate(self) -> float:
+        """`r` in `theta = conditioner(x, c) + r * beta` (0: no base parameters)."""
+        return self._base_rate
+
+    @property
+    def base_params(self) -> "tf.Variable | None":
+        """`beta`, the learned unconditioned base parameters `[D, P]`, or None."""
+        return self._base_params
+
+    def _base(self, dtype):
+        """`r * beta`, `[D, P]`, or None."""
+        if self._base_params is None:
+            return None
+        return tf.constant(self._base_rate, dtype) * self._base_params
 
     @property
     def conditional(self) -> bool:
@@ -460,12 +512,26 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         return tf.reshape(x, ps.concat([[-1], event], axis=0)), ckwargs, batch
 
     def _theta(self, x, ckwargs):
-        """`theta = conditioner(x, c)`, `[..., D, P]`, for any batch shape."""
+        """`theta = conditioner(x, c) + r * beta`, `[..., D, P]`, for any batch shape."""
         if x.shape.rank == 2 and "conditional_input" not in ckwargs:
-            return self._conditioner(x, **ckwargs)
-        flat_x, flat_ckwargs, batch = self._flat_batch(x, ckwargs)
-        theta = self._conditioner(flat_x, **flat_ckwargs)
-        return tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
+            theta = self._conditioner(x, **ckwargs)
+        else:
+            flat_x, flat_ckwargs, batch = self._flat_batch(x, ckwargs)
+            theta = self._conditioner(flat_x, **flat_ckwargs)
+            theta = tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
+        base = self._base(theta.dtype)
+        return theta if base is None else theta + base
+
+    def transformer_params(self, x, conditional_input=None) -> tf.Tensor:
+        """The transformers' pseudo-parameters at `x`: `theta`, `[..., D, P]`.
+
+        `theta = conditioner(x, c) + base_rate * base_params`; `theta[..., i, :]`
+        depends on `x` only through the dimensions before `i` in the
+        autoregressive order.
+        """
+        x = tf.convert_to_tensor(x, dtype_hint=self.dtype)
+        x = self._check_event(x, "x")
+        return self._theta(x, self._conditioner_kwargs(conditional_input))
 
     # ---- Forward: one parallel pass -------------------------------------
 
@@ -533,9 +599,14 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         order = tf.constant(order, tf.int32)
         c = ckwargs.get("conditional_input")
 
+        base = self._base(y.dtype)
+
         def solve_pass(k, x):
             d = tf.gather(order, k)
-            x_d = self._transformer.solve(tf.gather(y, d, axis=-1), head(x, d, c))
+            theta_d = head(x, d, c)
+            if base is not None:
+                theta_d = theta_d + base[d]
+            x_d = self._transformer.solve(tf.gather(y, d, axis=-1), theta_d)
             return self._place(x, d, x_d)
 
         return self._sequential_passes(y, solve_pass)

@@ -41,7 +41,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from tfp_naf.flow import NeuralAutoregressiveFlow
+from tfp_naf.flow import DEFAULT_BASE_RATE, NeuralAutoregressiveFlow
 from tfp_naf.keras3_guard import (
     KERAS3_HELP,
     _in_keras3_call,
@@ -74,6 +74,7 @@ def make_flow(
     context_units: "int | None" = None,
     dtype=tf.float32,
     name: str = "naf_flow",
+    base_rate: "float | None" = None,
 ) -> tfd.TransformedDistribution:
     """A normalizing-flow density: `num_flows` NAFs with reversals in between.
 
@@ -84,8 +85,9 @@ def make_flow(
 
     Returned as `tfd.TransformedDistribution(tfd.Sample(Normal, [D]),
     tfb.Invert(chain))`, so `log_prob` is one parallel pass per NAF and
-    `sample` inverts each NAF (`D` sequential passes). Each NAF starts at the
-    identity, so the untrained flow is a standard normal. The NAFs are named
+    `sample` inverts each NAF (`D` sequential passes). Each NAF starts near
+    its transformer's `initial_params` (spread-out sigmoid units, see
+    `NeuralAutoregressiveFlow`'s `initial_spread`). The NAFs are named
     `f"{name}_naf_{k}"`; pass a condition with
     `bijector_kwargs=flow_kwargs(flow, c)`.
 
@@ -103,6 +105,8 @@ def make_flow(
         features per dimension (see `tfp_naf.CompactAutoregressiveNetwork`).
       dtype: float32 or float64.
       name: name prefix.
+      base_rate: learning-rate factor of each NAF's unconditioned base
+        parameters (see `NeuralAutoregressiveFlow`); None for its default.
 
     Returns:
       The flow distribution; its `trainable_variables` are all the NAFs'.
@@ -146,6 +150,7 @@ def make_flow(
                     None if conditional_size is None else [int(conditional_size)]
                 ),
                 context_units=context_units,
+                base_rate=base_rate,
                 dtype=dtype,
                 name=f"{name}_naf_{k}",
             )
@@ -153,6 +158,17 @@ def make_flow(
     base = tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), [event_size])
     chain = tfb.Chain(list(reversed(bijectors)), name=name)
     return tfd.TransformedDistribution(base, tfb.Invert(chain), name=name)
+
+
+# Config keys added after the first release, with the value that reproduces
+# what a config saved without them was trained with.
+_ADDED_CONFIG_KEYS = {"support": None, "base_rate": 0.0}
+
+
+def with_config_defaults(config: "dict[str, Any]") -> "dict[str, Any]":
+    """`config` (a `NAFDensityModel.get_config()`, perhaps from an older
+    tfp_naf) with every key added since filled in as the older model had it."""
+    return {**_ADDED_CONFIG_KEYS, **config}
 
 
 def _nafs(bijector) -> "list[NeuralAutoregressiveFlow]":
@@ -294,13 +310,17 @@ class NAFDensityModel(tf_keras.Model):
         dtype="float32",
         name: str = "naf_density_model",
         support: "tuple[Any, Any] | None" = None,
+        base_rate: "float | None" = None,
         **kwargs,
     ):
         """Builds the model and all its weights.
 
         Args:
           event_size, transformer, num_units, num_layers, num_flows,
-            hidden_units, conditional_size, context_units: as for `make_flow`.
+            hidden_units, conditional_size, context_units, base_rate: as for
+            `make_flow` (`base_rate=None`: `tfp_naf.flow.DEFAULT_BASE_RATE`,
+            kept as a number in `get_config`; configs saved before it existed
+            load with 0, as they were trained).
           dtype: float32 or float64, for the weights and the computation.
           name: model name.
           support: None (the density lives on all of R^D), or a pair
@@ -323,6 +343,7 @@ class NAFDensityModel(tf_keras.Model):
             hidden_units=[int(h) for h in hidden_units],
             conditional_size=None if conditional_size is None else int(conditional_size),
             context_units=None if context_units is None else int(context_units),
+            base_rate=float(DEFAULT_BASE_RATE if base_rate is None else base_rate),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
         self._support = None if support is None else BoxSupport(support, event_size, self.dtype)
@@ -383,7 +404,7 @@ class NAFDensityModel(tf_keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return cls(**config)
+        return cls(**with_config_defaults(config))
 
     # ---- Standardisation -------------------------------------------------
 
@@ -695,7 +716,7 @@ class NAFDensityModel(tf_keras.Model):
             saved = json.loads(f.attrs["tfp_naf_config"])
             mine = json.loads(json.dumps(self.get_config(), sort_keys=True))
             saved.pop("name", None), mine.pop("name", None)
-            saved.setdefault("support", None)  # Written before `support` existed.
+            saved = with_config_defaults(saved)
             if saved != mine or len(f.keys()) != len(variables):
                 raise ValueError(
                     f"{path} holds the weights of a model with config {saved}; this "

@@ -211,7 +211,7 @@ def load_model_dir(path: "str | os.PathLike") -> "tuple[NAFDensityModel, dict[st
     from tfp_naf.keras import NAFDensityModel
 
     try:
-        model = NAFDensityModel(**config["model"])
+        model = NAFDensityModel.from_config(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"{path / _CONFIG} has an invalid model config: {e}") from None
     if not (path / f"{_WEIGHTS}.index").is_file():
