@@ -350,6 +350,40 @@ def test_tf_function_and_xla_match_eager():
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"{name} jit={jit}")
 
 
+@pytest.mark.parametrize("mode", ["eager", "function", "jit"])
+def test_xla_fused_shared_layers_match_separate_ops(mode, monkeypatch):
+    """SharedDenseSigmoidalFlow's XLA cluster (the default for large inputs) gives the
+    separate ops' values and gradients, inside a plain `tf.function` and nested inside
+    a jit-compiled one."""
+    from tfp_naf import transformers
+
+    monkeypatch.setattr(transformers, "XLA_FUSED_MIN_SIZE", 0)  # Fused at any size.
+    tf_keras.utils.set_random_seed(8)
+    naf = randomize(NeuralAutoregressiveFlow(
+        event_shape=[3], hidden_units=[16], transformer="ddsf-shared", num_units=4,
+        conditional_event_shape=[COND_SIZE]), seed=8)
+    x, kwargs = data(naf, n=16)
+    c = kwargs["conditional_input"]
+    flow = tfd.TransformedDistribution(base(3, tf.float32), tfb.Invert(naf))
+
+    def run(x, c):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(flow.log_prob(x, bijector_kwargs={"conditional_input": c}))
+        grads = tape.gradient(loss, naf.trainable_variables)
+        x_back = naf.inverse(tf.identity(naf.forward(x, conditional_input=c)),
+                             conditional_input=c)
+        return [loss, x_back, *grads]
+
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(transformers, "XLA_FUSED_LAYERS", fused)
+        fn = run if mode == "eager" else tf.function(run, jit_compile=mode == "jit")
+        results[fused] = [t.numpy() for t in fn(x, c)]
+    for got, want in zip(results[True], results[False], strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(results[True][1], x, atol=1e-4)
+
+
 # ---- Composition -----------------------------------------------------------
 
 
@@ -453,10 +487,10 @@ def test_user_supplied_conditioner():
     assert np.abs(jacobian[:, 0, 1:]).min() > 0
 
 
-@pytest.mark.parametrize("variant", ["dsf-cond", "ddsf-cond-compact"])
-def test_base_params_enter_theta_with_their_rate_and_gradient(variant):
-    naf = build(variant, 3, tf.float64, seed=4)
-    assert naf.base_rate == tfp_naf.flow.DEFAULT_BASE_RATE > 0
+@pytest.mark.parametrize("variant, rate", [("dsf", None), ("ddsf-cond-compact", 4.0)])
+def test_base_params_enter_theta_with_their_rate_and_gradient(variant, rate):
+    naf = build(variant, 3, tf.float64, seed=4, base_rate=rate)
+    assert naf.base_rate == (tfp_naf.flow.DEFAULT_BASE_RATE if rate is None else rate) > 0
     beta = naf.base_params
     assert beta.shape == (3, naf.num_params) and np.abs(beta.numpy()).max() > 0
     assert any(v is beta for v in naf.trainable_variables)
@@ -485,6 +519,8 @@ def test_base_rate_options():
     assert naf.base_rate == 3.0 and naf.base_params.shape == (3, p)
     naf = build("dsf", 3, randomized=False, base_rate=0.0)
     assert naf.base_params is None
+    # A conditional MADE conditions every offset on c: no base parameters by default.
+    assert build("dsf-cond", 3, randomized=False).base_params is None
     assert not any("base_params" in v.name for v in naf.trainable_variables)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="base_rate"):

@@ -54,6 +54,11 @@ def test_make_flow_is_standard_normal_at_start_and_tracks_variables(monkeypatch)
     assert len(flow.trainable_variables) == 10
     assert sum("base_params" in v.name for v in flow.trainable_variables) == 2
     assert len(make_flow(3, base_rate=0.0, **SMALL).trainable_variables) == 8
+    # A conditional flow's offsets are conditioned on c: no base parameters by default.
+    assert not any("base_params" in v.name
+                   for v in make_flow(3, conditional_size=2, **SMALL).trainable_variables)
+    assert NAFDensityModel(3, **SMALL).get_config()["base_rate"] == flow_module.DEFAULT_BASE_RATE
+    assert NAFDensityModel(3, conditional_size=2, **SMALL).get_config()["base_rate"] == 0.0
     cflow = make_flow(3, conditional_size=2, **SMALL)
     c = np.ones([5, 2], "float32")
     assert cflow.log_prob(x, bijector_kwargs=flow_kwargs(cflow, c)).shape == (5,)

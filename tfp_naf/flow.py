@@ -179,10 +179,11 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             alone, which is all the first dimension has) learn about `1 + r`
             times faster while the conditioned part is unchanged. (Plain SGD
             moves them `1 + r^2` times faster: with SGD use a smaller rate, or
-            0.) None means
-            `DEFAULT_BASE_RATE` (10, chosen on validation data,
-            benchmarks/README.md) for a built conditioner and 0 (no base
-            parameters) for a conditioner you pass in.
+            0.) None means `DEFAULT_BASE_RATE` (10, chosen on validation
+            data, benchmarks/README.md) for a built unconditional conditioner,
+            and 0 (no base parameters) for a conditional one, whose offsets
+            are conditioned on `c` through full weight rows (validation
+            favoured 0 there), and for a conditioner you pass in.
           clip, min_slope: transformer options (see `DeepSigmoidalFlow`).
           tail_slope: slope of the transformer's linear tail; None keeps the
             transformer's default (0 for DSF, 1e-3 for DDSF, whose range would
@@ -238,7 +239,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             self._conditional_size = self._conditioner_conditional_size(conditioner)
             self._num_params = num_params
             self._base_rate, self._base_params = self._make_base(
-                base_rate, built, self._event_size, num_params, dtype)
+                base_rate, built and self._conditional_size is None, self._event_size,
+                num_params, dtype)
             shared = {}
             if hasattr(transformer_cls, "num_mixing_params"):
                 # Shared mixing logits (SharedDenseSigmoidalFlow): learned, not
@@ -346,10 +348,10 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         return net
 
     @staticmethod
-    def _make_base(base_rate, built, event_size, num_params, dtype):
+    def _make_base(base_rate, by_default, event_size, num_params, dtype):
         """`(rate, beta)`: the base parameters' factor and variable (None when the rate is 0)."""
         if base_rate is None:
-            base_rate = DEFAULT_BASE_RATE if built else 0.0
+            base_rate = DEFAULT_BASE_RATE if by_default else 0.0
         rate = float(base_rate)
         if not np.isfinite(rate) or rate < 0.0:
             raise ValueError(f"`base_rate` must be finite and >= 0; got {base_rate}.")

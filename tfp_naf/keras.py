@@ -319,6 +319,7 @@ class NAFDensityModel(tf_keras.Model):
           event_size, transformer, num_units, num_layers, num_flows,
             hidden_units, conditional_size, context_units, base_rate: as for
             `make_flow` (`base_rate=None`: `tfp_naf.flow.DEFAULT_BASE_RATE`,
+            or 0 for a conditional model, as `NeuralAutoregressiveFlow` does;
             kept as a number in `get_config`; configs saved before it existed
             load with 0, as they were trained).
           dtype: float32 or float64, for the weights and the computation.
@@ -343,7 +344,8 @@ class NAFDensityModel(tf_keras.Model):
             hidden_units=[int(h) for h in hidden_units],
             conditional_size=None if conditional_size is None else int(conditional_size),
             context_units=None if context_units is None else int(context_units),
-            base_rate=float(DEFAULT_BASE_RATE if base_rate is None else base_rate),
+            base_rate=float(base_rate if base_rate is not None
+                            else DEFAULT_BASE_RATE if conditional_size is None else 0.0),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
         self._support = None if support is None else BoxSupport(support, event_size, self.dtype)
