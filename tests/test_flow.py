@@ -384,6 +384,36 @@ def test_xla_fused_shared_layers_match_separate_ops(mode, monkeypatch):
     np.testing.assert_allclose(results[True][1], x, atol=1e-4)
 
 
+def test_xla_fused_shared_layers_are_not_nested_inside_jit(monkeypatch):
+    """Inside a jit-compiled function the layers are compiled with it: a nested
+    `jit_compile` function there made XLA recompile the whole step at every call."""
+    from tfp_naf import transformers
+
+    calls = []
+    fused = transformers._fused_shared_layers
+
+    def counting(*args):
+        calls.append(args)
+        return fused(*args)
+
+    monkeypatch.setattr(transformers, "_fused_shared_layers", counting)
+    k = 3
+    bij = transformers.SharedDenseSigmoidalFlow(
+        params=np.zeros([transformers.SharedDenseSigmoidalFlow.num_params(k, 2)], np.float32),
+        mixing_logits=np.zeros([transformers.SharedDenseSigmoidalFlow.num_mixing_params(k, 2)],
+                               np.float32), num_units=k)
+    x = tf.zeros([transformers.XLA_FUSED_MIN_SIZE], tf.float32)
+    want = bij.forward(x).numpy()
+    assert len(calls) == 1  # Eager, large enough: fused.
+    got = tf.function(bij.forward, jit_compile=True)(x).numpy()
+    assert len(calls) == 1  # Inside jit: not nested.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    tf.function(bij.forward)(x)
+    assert len(calls) == 2  # Inside a plain tf.function: fused.
+    bij.forward(x[:10])
+    assert len(calls) == 2  # Small: not fused.
+
+
 # ---- Composition -----------------------------------------------------------
 
 
