@@ -41,7 +41,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from tfp_naf.flow import DEFAULT_BASE_RATE, NeuralAutoregressiveFlow
+from tfp_naf.flow import NeuralAutoregressiveFlow
 from tfp_naf.keras3_guard import (
     KERAS3_HELP,
     _in_keras3_call,
@@ -344,10 +344,11 @@ class NAFDensityModel(tf_keras.Model):
             hidden_units=[int(h) for h in hidden_units],
             conditional_size=None if conditional_size is None else int(conditional_size),
             context_units=None if context_units is None else int(context_units),
-            base_rate=float(base_rate if base_rate is not None
-                            else DEFAULT_BASE_RATE if conditional_size is None else 0.0),
+            base_rate=None if base_rate is None else float(base_rate),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
+        # The rate the flows resolved `None` to, so `get_config` rebuilds the same model.
+        self._flow_config["base_rate"] = _nafs(self.flow.bijector)[0].base_rate
         self._support = None if support is None else BoxSupport(support, event_size, self.dtype)
         size, csize = self.event_size, self.conditional_size
         self.x_mean = self._fixed_weight("x_mean", [size], "zeros")

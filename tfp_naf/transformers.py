@@ -48,6 +48,8 @@ instead.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -1090,7 +1092,6 @@ def _shared_sigmoidal_layers(x, params, mixing, k, num_layers, clip, min_slope):
 # Read when a function is traced; set it to False where XLA is unavailable.
 XLA_FUSED_LAYERS = True
 XLA_FUSED_MIN_SIZE = 4096
-_FUSED: dict = {}
 
 
 def _in_xla_context() -> bool:
@@ -1110,15 +1111,13 @@ def _in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
 
 
+@functools.cache
 def _fused_shared_layers(k: int, num_layers: int, clip: float, min_slope: float):
     """`_shared_sigmoidal_layers` as one XLA cluster (its gradient is compiled too)."""
-    key = ("shared", int(k), int(num_layers), float(clip), float(min_slope))
-    if key not in _FUSED:
-        def layers(x, params, mixing):
-            return _shared_sigmoidal_layers(x, params, mixing, k, num_layers, clip, min_slope)
+    def layers(x, params, mixing):
+        return _shared_sigmoidal_layers(x, params, mixing, k, num_layers, clip, min_slope)
 
-        _FUSED[key] = tf.function(layers, jit_compile=True, autograph=False)
-    return _FUSED[key]
+    return tf.function(layers, jit_compile=True, autograph=False)
 
 
 TRANSFORMERS = {
