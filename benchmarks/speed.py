@@ -190,14 +190,14 @@ def _inverse_stats(to_noise, x) -> dict:
     iterations = []
     for d in range(D):
         y, p = z1[:, d], theta[:, d]
-        low, high = transformer._bracket(y, p)
-
-        def fn(t, p=p):
-            return transformer.forward_and_log_derivative(t, p)
-
-        low, high = root_finding.expand_bracket(fn, y, low, high)
+        # As the transformer's `solve` searches: its bracket and start.
+        low, high, start = transformer._bracket_and_start(y, p)
+        fn = transformer._evaluator(p)
+        if not transformer._bracket_is_exact():
+            low, high = root_finding.expand_bracket(fn, y, low, high)
         result = root_finding.find_root_increasing(
-            fn, y, low, high, transformer.tolerance, transformer.max_iterations)
+            fn, y, low, high, transformer.tolerance, transformer.max_iterations,
+            initial=start if transformer._params_are_explicit else None)
         iterations.append(int(result.num_iterations))
     return dict(
         round_trip_x=float(tf.reduce_max(tf.abs(x_back - x))),

@@ -98,3 +98,80 @@ def test_solve_increasing_implicit_gradients():
     slope = 3.0 * theta.numpy() * xs**2 + 1.0
     np.testing.assert_allclose(tape.gradient(x, y), 1.0 / slope, rtol=1e-10)
     np.testing.assert_allclose(tape.gradient(x, theta), -(xs**3) / slope, rtol=1e-10)
+
+
+def test_find_root_increasing_from_a_given_start():
+    # From a start, the ends are never evaluated: only bisection can stand in for
+    # false position until an iterate replaces one, and it still converges, also
+    # from a start at the bracket's edge with a poor Newton step there.
+    y = tf.constant([-1e3, -1.0, 0.0, 3.0, 1e3], tf.float64)
+    low = tf.fill([5], tf.constant(-10.0, tf.float64))
+    high = tf.fill([5], tf.constant(12.0, tf.float64))
+    calls = []
+
+    def counted(x):
+        calls.append(x)
+        return sinh(x)
+
+    for start in (tf.zeros_like(y), low + 1e-9, high - 1e-9):
+        calls.clear()
+        result = root_finding.find_root_increasing(counted, y, low, high, 1e-12, 200, initial=start)
+        np.testing.assert_allclose(result.root, np.arcsinh(y.numpy()), rtol=1e-11, atol=1e-12)
+        assert np.all(result.converged.numpy())
+        # Eager: one evaluation per iteration, none at the ends.
+        assert len(calls) == int(result.num_iterations)
+
+
+def test_solve_increasing_with_params_matches_solve_increasing():
+    theta = tf.constant([[0.5], [2.0], [3.0]], tf.float64)  # Broadcast against y.
+    y = tf.constant([[1.0, -4.0], [30.0, 0.2], [-2.0, 7.0]], tf.float64)
+    low, high = -10.0 * tf.ones_like(y), 10.0 * tf.ones_like(y)
+
+    def g(x, theta):  # theta * x^3 + x
+        return theta * x**3 + x, tf.math.log(3.0 * theta * x**2 + 1.0)
+
+    calls = []
+
+    def fn(x, theta):
+        calls.append(x)
+        return g(x, theta)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([theta, y])
+        expected = root_finding.solve_increasing(lambda x: g(x, theta), y, low, high, 1e-13, 100)
+    expected_grads = [tape.gradient(expected, t) for t in (y, theta)]
+
+    def search(x):
+        return g(x, tf.stop_gradient(theta))
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([theta, y])
+        x = root_finding.solve_increasing_with_params(fn, y, theta, low, high, 1e-13, 100,
+                                                      search_fn=search)
+    np.testing.assert_allclose(x, expected, rtol=1e-13)
+    assert calls == []  # The forward solve does not evaluate g at the root...
+    grads = [tape.gradient(x, t) for t in (y, theta)]
+    assert len(calls) == 2  # ... each gradient does, once.
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    # The default search evaluates `fn` at stopped parameters: the same root.
+    same = root_finding.solve_increasing_with_params(fn, y, theta, low, high, 1e-13, 100)
+    np.testing.assert_allclose(same, x, rtol=1e-13)
+
+
+def test_solve_increasing_with_params_gives_nan_where_g_is_not_finite():
+    # A NaN parameter or an infinite target has no meaningful root: NaN, as
+    # `solve_increasing` gives, never the finite end point of a bisection.
+    theta = tf.constant([1.0, np.nan, 1.0, 2.0], tf.float64)
+    y = tf.constant([0.5, 0.5, np.inf, -3.0], tf.float64)
+    low, high = y - 1.0, y + 1.0
+
+    def fn(x, theta):
+        return x + theta * tf.tanh(x), tf.math.log1p(theta / tf.cosh(x) ** 2)
+
+    x = root_finding.solve_increasing_with_params(fn, y, theta, low, high, 1e-12, 100)
+    old = root_finding.solve_increasing(lambda t: fn(t, theta), y, low, high, 1e-12, 100)
+    np.testing.assert_array_equal(np.isnan(x), [False, True, True, False])
+    np.testing.assert_allclose(x.numpy()[[0, 3]], old.numpy()[[0, 3]], rtol=1e-12)
+    np.testing.assert_array_equal(np.isnan(old), np.isnan(x))

@@ -307,3 +307,22 @@ def test_closed_form_gradient_matches_autodiff(n_out, x_scale, a_offset):
                          strict=True):
         assert np.all(np.isfinite(got))
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_search_pieces_agree_with_the_forward(kind):
+    # The inverse search's evaluator (parameter-only work done once) is the
+    # forward, and DSF's start lies in its exact bracket, which holds the root.
+    bij = make(kind, batch_shape=[4, 1], scale=1.5)
+    params = tf.convert_to_tensor(bij.params)
+    x = tf.constant(np.linspace(-8.0, 8.0, 33))
+    x = tf.broadcast_to(x, [4, 33])
+    want = bij.forward_and_log_derivative(x, params)
+    got = bij._evaluator(params)(x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    y = want[0]
+    low, high, start = bij._bracket_and_start(y, params)
+    if start is not None:
+        assert np.all(low <= start) and np.all(start <= high)
+    if bij._bracket_is_exact():
+        assert np.all(low <= x) and np.all(x <= high)

@@ -7,7 +7,9 @@ lands strictly inside the current bracket and at least halves the previous
 step; otherwise a false-position step on the bracket's ends (kept away from
 them), or a bisection when the bracket stopped halving. The search starts at
 the bracket's false-position point, which is nearly exact where `g` is close
-to linear (the transformers' tails). Every element is solved at once, so the
+to linear (the transformers' tails), or at a caller's estimate (DSF's
+weighted mean of its units' roots), which saves evaluating `g` at the
+bracket's ends. Every element is solved at once, so the
 loop runs until the slowest element has converged or the iteration cap is
 reached; converged elements stay put.
 
@@ -19,7 +21,12 @@ NaN and is wasteful). :func:`solve_increasing` instead returns
 
 with `x*` the (stopped) root: its value is exactly `x*`, and its derivatives
 are those of the implicit function theorem, `dx/dy = 1 / g'` and
-`dx/dtheta = -(dg/dtheta) / g'`.
+`dx/dtheta = -(dg/dtheta) / g'`. That evaluates `g` once more at the root
+even when no gradient is wanted; :func:`solve_increasing_with_params`, for a
+`g` whose parameters are passed explicitly, gives the same derivatives
+through a custom gradient that evaluates `g` at the root only when asked
+(sampling from a flow then costs the search alone: 23% less time under XLA,
+40% in `tf.function`, together with DSF's start and evaluator).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ __all__ = [
     "expand_bracket",
     "find_root_increasing",
     "solve_increasing",
+    "solve_increasing_with_params",
 ]
 
 # fn(x) -> (g(x), log g'(x)), elementwise.
@@ -97,10 +105,12 @@ def find_root_increasing(
     high: tf.Tensor,
     tolerance: float,
     max_iterations: int,
+    initial: "tf.Tensor | None" = None,
 ) -> RootSearchResults:
     """Solves `g(x) = y` for an increasing `g` by safeguarded Newton steps.
 
-    Starts at the false-position point of the bracket. Each iteration
+    Starts at the false-position point of the bracket (two evaluations of
+    `g`, at its ends), or at `initial` when given. Each iteration
     evaluates `g` and `g'` once, shrinks the bracket, and takes the Newton
     step if it lands strictly inside the bracket and at most halves the
     previous step; otherwise a false-position (secant) step on the bracket's
@@ -115,6 +125,10 @@ def find_root_increasing(
         `|g(x) - y| / g'(x)` is below `tolerance * (1 + |x|)` or its bracket
         is narrower than that.
       max_iterations: hard cap on the number of iterations.
+      initial: optional starting point inside the bracket (for example a
+        transformer's own estimate). The ends are then not evaluated: until an
+        iterate replaces an end, a rejected Newton step falls back to
+        bisection rather than false position.
 
     Returns:
       `RootSearchResults`. No gradient flows through it.
@@ -124,8 +138,12 @@ def find_root_increasing(
     tol = tf.constant(tolerance, dtype)
     # |g(x) - y| at this level is rounding noise: x is as good as g resolves.
     noise = tf.constant(4.0 * np.finfo(dtype.as_numpy_dtype).eps, dtype) * (1.0 + tf.abs(y))
-    f_low = fn(low)[0] - y
-    f_high = fn(high)[0] - y
+    if initial is None:
+        f_low = fn(low)[0] - y
+        f_high = fn(high)[0] - y
+    else:  # Unknown until an iterate replaces an end: bisection, not secant, meanwhile.
+        f_low = tf.fill(tf.shape(y), tf.constant(-np.inf, dtype))
+        f_high = tf.fill(tf.shape(y), tf.constant(np.inf, dtype))
 
     def secant_point(lo, hi, f_lo, f_hi):
         width = hi - lo
@@ -165,7 +183,7 @@ def find_root_increasing(
     def cond(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done):
         return tf.logical_not(tf.reduce_all(done))
 
-    x0 = secant_point(low, high, f_low, f_high)
+    x0 = secant_point(low, high, f_low, f_high) if initial is None else tf.stop_gradient(initial)
     infinite = tf.fill(tf.shape(y), tf.constant(float("inf"), dtype))
     i, x, lo, hi, _, _, _, _, f, done = tf.while_loop(
         cond,
@@ -184,15 +202,19 @@ def solve_increasing(
     high: tf.Tensor,
     tolerance: float,
     max_iterations: int,
+    search_fn: "ValueAndLogDerivative | None" = None,
 ) -> tf.Tensor:
     """`x` with `g(x) = y`, differentiable by the implicit function theorem.
 
     `fn` may close over parameters `theta` that carry gradients; the result's
     gradients with respect to `y` and `theta` are `1 / g'` and
-    `-(dg/dtheta) / g'` at the root. See the module docstring.
+    `-(dg/dtheta) / g'` at the root. See the module docstring. `search_fn`,
+    when given, is the same `g` used during the search (for example with
+    stopped parameters and their own work done once); `fn` is then evaluated
+    only at the root.
     """
     root = tf.stop_gradient(
-        find_root_increasing(fn, y, low, high, tolerance, max_iterations).root
+        find_root_increasing(search_fn or fn, y, low, high, tolerance, max_iterations).root
     )
     value, log_deriv = fn(root)
     residual = value - y
@@ -201,3 +223,57 @@ def solve_increasing(
     tiny = tf.constant(np.finfo(y.dtype.as_numpy_dtype).tiny, y.dtype)
     deriv = tf.stop_gradient(tf.maximum(tf.exp(log_deriv), tiny))
     return root - (residual - tf.stop_gradient(residual)) / deriv
+
+
+def solve_increasing_with_params(
+    fn: "Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]",
+    y: tf.Tensor,
+    params: tf.Tensor,
+    low: tf.Tensor,
+    high: tf.Tensor,
+    tolerance: float,
+    max_iterations: int,
+    search_fn: "ValueAndLogDerivative | None" = None,
+    initial: "tf.Tensor | None" = None,
+) -> tf.Tensor:
+    """`solve_increasing` for `g(x) = fn(x, params)`, evaluating `g` at the root only for gradients.
+
+    The same root and the same implicit-function gradients, `dx/dy = 1 / g'`
+    and `dx/dparams = -(dg/dparams) / g'` at the root, but through a
+    `tf.custom_gradient` that evaluates `fn` at the root only when a gradient
+    is asked for, so a forward-only solve (drawing samples) costs the search
+    alone. `fn` must take its parameters explicitly: tensors it captures
+    otherwise get no gradient. `search_fn` (default `fn` at stopped
+    `params`) evaluates `g` during the search; `initial` is passed to
+    `find_root_increasing`. `y` must have the shape of the result.
+    """
+    dtype = y.dtype
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+    if search_fn is None:
+        stopped = tf.stop_gradient(params)
+
+        def search_fn(x):
+            return fn(x, stopped)
+
+    @tf.custom_gradient
+    def solve(y, params):
+        result = find_root_increasing(
+            search_fn, y, low, high, tolerance, max_iterations, initial=initial)
+        # Where g is not finite at the root (a NaN or infinite y or parameter),
+        # the search's x means nothing: NaN, as `solve_increasing`'s residual gives.
+        root = tf.where(tf.math.is_finite(result.objective_at_root), result.root,
+                        tf.constant(np.nan, dtype))
+        root = tf.stop_gradient(root)
+
+        def grad(upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                value, log_deriv = fn(root, params)
+            scaled = upstream / tf.maximum(tf.exp(log_deriv), tiny)
+            grad_params = tape.gradient(value, params, output_gradients=scaled)
+            grad_params = tf.zeros_like(params) if grad_params is None else -grad_params
+            return scaled, grad_params
+
+        return root, grad
+
+    return solve(y, params)
