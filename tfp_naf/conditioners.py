@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -35,7 +36,9 @@ OUTPUT_INIT_SCALE = 0.3
 
 __all__ = [
     "CompactAutoregressiveNetwork",
+    "IncrementalHead",
     "dimension_head",
+    "incremental_head",
     "match_dtype",
     "solve_order",
     "shrink_output_layer",
@@ -325,3 +328,87 @@ def dimension_head(conditioner) -> "Callable | None":
     if head is not None:
         _HEADS[conditioner] = head
     return head
+
+
+class IncrementalHead(NamedTuple):
+    """One dimension's parameters per pass of the inverse, the first layer updated in place.
+
+    Pass `k` of the inverse changes one input, `x_d`, from 0 to its solution,
+    so the first layer's pre-activation `x @ W1 + b1` changes by
+    `x_d * W1[d]`: the state carries it between passes instead of recomputing
+    the `[N, D] x [D, H1]` product every time. The layers after it run at every
+    pass, and the output layer only for dimension `d`'s `P` outputs.
+    """
+
+    start: Callable
+    """`(x) -> state`: the first layer's pre-activation at `x` (`[N, H1]`)."""
+    params: Callable
+    """`(state, d) -> theta[:, d, :]`, `[N, P]`."""
+    update: Callable
+    """`(state, d, x_d) -> state` after input `d` moved from 0 to `x_d`."""
+
+
+_INCREMENTAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def incremental_head(conditioner) -> "IncrementalHead | None":
+    """An `IncrementalHead` for a built unconditional MADE (or compact network), else None.
+
+    Equal to `conditioner(x)[:, d]` up to rounding at every pass where the
+    inputs not yet solved are 0 (as in the flow's inverse). Conditional MADEs,
+    MADEs without hidden layers and other conditioners give None (the flow
+    then uses `dimension_head`).
+    """
+    if conditioner in _INCREMENTAL:
+        return _INCREMENTAL[conditioner]
+    head = None
+    try:
+        if isinstance(conditioner, CompactAutoregressiveNetwork):
+            inner = _made_incremental(conditioner.made)
+            if inner is not None:
+                def params(state, d, inner=inner, net=conditioner):
+                    return tf.matmul(inner.params(state, d), net._kernel) + net._bias[d]
+
+                head = IncrementalHead(inner.start, params, inner.update)
+        elif type(conditioner) is tfb.AutoregressiveNetwork:
+            head = _made_incremental(conditioner)
+    except (AttributeError, TypeError, ValueError):  # Not built, or an unknown layout.
+        head = None
+    if head is not None:
+        _INCREMENTAL[conditioner] = head
+    return head
+
+
+def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
+    """The `IncrementalHead` of an unconditional MADE laid out as Dense, (Activation, Dense)+."""
+    if getattr(made, "_conditional", False):
+        return None
+    layers = [layer for layer in made._network.layers
+              if not isinstance(layer, tf_keras.layers.InputLayer)]
+    denses, activations = layers[0::2], layers[1::2]
+    if (len(layers) < 3 or len(layers) % 2 == 0
+            or not all(type(layer) is tf_keras.layers.Dense for layer in denses)
+            or not all(type(layer) is tf_keras.layers.Activation for layer in activations)
+            or any(layer.activation is not tf_keras.activations.linear for layer in denses)):
+        return None
+    first, hidden, out = denses[0], list(zip(activations, denses[1:], strict=True)), denses[-1]
+    event_size, num_params = int(made._event_size), int(made._params)
+
+    def start(x):
+        return first(x)
+
+    def params(state, d):
+        h = state
+        for activation, dense in hidden[:-1]:
+            h = dense(activation(h))
+        h = hidden[-1][0](h)
+        # Strided slices (not gathers): their gradients are dense tensors.
+        theta = tf.matmul(h, tf.reshape(out.kernel, [-1, event_size, num_params])[:, d, :])
+        if out.use_bias:
+            theta += tf.reshape(out.bias, [event_size, num_params])[d]
+        return theta
+
+    def update(state, d, x_d):
+        return state + x_d[:, tf.newaxis] * first.kernel[d]
+
+    return IncrementalHead(start, params, update)

@@ -565,8 +565,14 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         if not getattr(self._conditioner, "built", True):
             self._theta(tf.zeros_like(y), ckwargs)  # Builds the conditioner.
         order = conditioners.solve_order(self._conditioner)
-        head = None if order is None else conditioners.dimension_head(self._conditioner)
-        if head is not None:
+        incremental = head = None
+        if order is not None and "conditional_input" not in ckwargs:
+            incremental = conditioners.incremental_head(self._conditioner)
+        if order is not None and incremental is None:
+            head = conditioners.dimension_head(self._conditioner)
+        if incremental is not None:
+            x = self._inverse_incrementally(y, order, incremental)
+        elif head is not None:
             x = self._inverse_by_dimension(y, ckwargs, order, head)
         else:
             x = self._inverse_by_full_passes(y, ckwargs, order)
@@ -612,6 +618,32 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             return self._place(x, d, x_d)
 
         return self._sequential_passes(y, solve_pass)
+
+    def _inverse_incrementally(self, y, order, head):
+        """As `_inverse_by_dimension`, with the MADE's first layer updated, not recomputed.
+
+        See `conditioners.IncrementalHead`: each pass adds the solved input's
+        row of the first layer's kernel to the carried pre-activation.
+        """
+        order = tf.constant(order, tf.int32)
+        base = self._base(y.dtype)
+        x = tf.zeros_like(y)
+
+        def body(k, x, state):
+            d = tf.gather(order, k)
+            theta_d = head.params(state, d)
+            if base is not None:
+                theta_d = theta_d + base[d]
+            x_d = self._transformer.solve(tf.gather(y, d, axis=-1), theta_d)
+            return k + 1, self._place(x, d, x_d), head.update(state, d, x_d)
+
+        _, x, _ = tf.while_loop(
+            lambda k, x, state: k < self._event_size,
+            body,
+            (tf.constant(0), x, head.start(x)),
+            maximum_iterations=self._event_size,
+        )
+        return x
 
     def _inverse_by_full_passes(self, y, ckwargs, order):
         """Any conditioner: `D` whole conditioner passes, each solving one dimension.
