@@ -311,22 +311,31 @@ def dimension_head(conditioner) -> "Callable | None":
     up to rounding). `x` is `[N, D]`, `d` a scalar int tensor. Other
     conditioners give None (the flow then evaluates them whole).
     """
-    if conditioner in _HEADS:
-        return _HEADS[conditioner]
+    def compact(net, inner):
+        def head(x, d, conditional_input=None):
+            return tf.matmul(inner(x, d, conditional_input), net._kernel) + net._bias[d]
+
+        return head
+
+    return _cached_head(_HEADS, conditioner, _made_head, compact)
+
+
+def _cached_head(cache, conditioner, made_head, compact_head):
+    """`made_head(made)` for a built MADE, `compact_head(net, made_head(net.made))`
+    for a `CompactAutoregressiveNetwork`, else None; cached per conditioner."""
+    if conditioner in cache:
+        return cache[conditioner]
     head = None
     try:
         if isinstance(conditioner, CompactAutoregressiveNetwork):
-            inner = _made_head(conditioner.made)
-            if inner is not None:
-                def head(x, d, conditional_input=None, inner=inner, net=conditioner):
-                    context = inner(x, d, conditional_input)
-                    return tf.matmul(context, net._kernel) + net._bias[d]
+            inner = made_head(conditioner.made)
+            head = None if inner is None else compact_head(conditioner, inner)
         elif type(conditioner) is tfb.AutoregressiveNetwork:
-            head = _made_head(conditioner)
+            head = made_head(conditioner)
     except (AttributeError, TypeError, ValueError):  # Not built, or an unknown layout.
         head = None
     if head is not None:
-        _HEADS[conditioner] = head
+        cache[conditioner] = head
     return head
 
 
@@ -359,24 +368,13 @@ def incremental_head(conditioner) -> "IncrementalHead | None":
     MADEs without hidden layers and other conditioners give None (the flow
     then uses `dimension_head`).
     """
-    if conditioner in _INCREMENTAL:
-        return _INCREMENTAL[conditioner]
-    head = None
-    try:
-        if isinstance(conditioner, CompactAutoregressiveNetwork):
-            inner = _made_incremental(conditioner.made)
-            if inner is not None:
-                def params(state, d, inner=inner, net=conditioner):
-                    return tf.matmul(inner.params(state, d), net._kernel) + net._bias[d]
+    def compact(net, inner):
+        def params(state, d):
+            return tf.matmul(inner.params(state, d), net._kernel) + net._bias[d]
 
-                head = IncrementalHead(inner.start, params, inner.update)
-        elif type(conditioner) is tfb.AutoregressiveNetwork:
-            head = _made_incremental(conditioner)
-    except (AttributeError, TypeError, ValueError):  # Not built, or an unknown layout.
-        head = None
-    if head is not None:
-        _INCREMENTAL[conditioner] = head
-    return head
+        return IncrementalHead(inner.start, params, inner.update)
+
+    return _cached_head(_INCREMENTAL, conditioner, _made_incremental, compact)
 
 
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
