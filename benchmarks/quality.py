@@ -47,7 +47,7 @@ import tensorflow as tf
 from benchmarks.models import MODELS, NAF_KWARGS, build_flow, conditional_kwargs
 from benchmarks.train import compile_step, make_train_step, nll_stats
 from tfp_naf import conditioners, datasets, transformers
-from tfp_naf.flow import DEFAULT_BASE_RATE, DEFAULT_INITIAL_SPREAD
+from tfp_naf.flow import DEFAULT_BASE_RATE, DEFAULT_FIRST_SPREAD, DEFAULT_INITIAL_SPREAD
 from tfp_naf.support import BoxSupport
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -379,6 +379,9 @@ def main(argv=None) -> "list[dict]":
     parser.add_argument("--initial-spread", type=float, default=None,
                         help="diagnostic: the NAFs' initial_spread (library default "
                              f"{DEFAULT_INITIAL_SPREAD:g})")
+    parser.add_argument("--first-spread", type=float, default=None,
+                        help="diagnostic: the NAFs' first_spread, the first dimension's "
+                             f"initial spread (library default {DEFAULT_FIRST_SPREAD:g})")
     parser.add_argument("--activation", default=None,
                         help="diagnostic: the NAF MADEs' hidden activation (library default relu)")
     parser.add_argument("--group-scales", default=None,
@@ -410,6 +413,8 @@ def main(argv=None) -> "list[dict]":
         NAF_KWARGS["activation"] = args.activation
     if args.initial_spread is not None:
         NAF_KWARGS["initial_spread"] = args.initial_spread
+    if args.first_spread is not None:
+        NAF_KWARGS["first_spread"] = args.first_spread
     if args.slopes == "exp":
         _exp_slopes(args.slope_knee)
     elif args.slopes == "plain-softplus":

@@ -609,11 +609,12 @@ def test_conditioner_params_values():
 
 
 @pytest.mark.parametrize("variant", ["dsf", "ddsf-cond-compact"])
-@pytest.mark.parametrize("spread", [0.0, 2.0])
-def test_fresh_flow_starts_at_its_initial_transformer(variant, spread, monkeypatch):
+@pytest.mark.parametrize("spread, first", [(0.0, None), (2.0, None), (0.0, 3.5)])
+def test_fresh_flow_starts_at_its_initial_transformer(variant, spread, first, monkeypatch):
     # A small output scale, so the start is (nearly) the transformer's initial_params.
     monkeypatch.setattr(conditioners, "OUTPUT_INIT_SCALE", 1e-2)
-    naf = build(variant, 3, randomized=False, initial_spread=spread)
+    naf = build(variant, 3, randomized=False, initial_spread=spread, first_spread=first,
+                input_order="random")
     variables = naf.trainable_variables
     assert len(variables) >= 6
     assert sum(int(np.prod(v.shape)) for v in variables) > 100
@@ -622,27 +623,49 @@ def test_fresh_flow_starts_at_its_initial_transformer(variant, spread, monkeypat
     assert naf.parameters["initial_spread"] == spread
     assert naf.parameters["transformer"] == VARIANTS[variant][0]
     x, kwargs = data(naf, n=4, scale=1.0)
-    # Every dimension's parameters start near the transformer's initial_params...
-    start = type(naf.transformer).initial_params(4, naf.transformer.num_layers, spread)
+    # Every dimension's parameters start near the transformer's initial_params
+    # (the first in autoregressive order's at `first_spread`, which is
+    # `initial_spread` unless given)...
+    initial = type(naf.transformer).initial_params
+    start = np.stack([initial(4, naf.transformer.num_layers, spread)] * 3)
+    first_dim = conditioners.solve_order(naf.conditioner)[0]
+    start[first_dim] = initial(4, naf.transformer.num_layers, spread if first is None else first)
     theta = naf.transformer_params(x, **kwargs).numpy()
     np.testing.assert_allclose(theta, np.broadcast_to(start, theta.shape), atol=0.1)
     # ... so the flow starts as that transformer applied to each dimension:
     # the identity at spread 0, a monotone map with spread-out units otherwise.
     layers = {"num_layers": 2} if variant.startswith("ddsf") else {}
     expected = type(naf.transformer)(params=start.astype(np.float32), **layers)
-    y, log_deriv = expected.forward_and_log_derivative(x[..., None])
+    y, log_deriv = expected.forward_and_log_derivative(x)  # params [3, P] against x [4, 3]
     z, log_det = naf.forward_and_log_det(x, **kwargs)
-    np.testing.assert_allclose(z, y.numpy()[..., 0], atol=0.2)
-    np.testing.assert_allclose(log_det, log_deriv.numpy()[..., 0].sum(-1), atol=0.2)
-    if spread == 0.0:
+    np.testing.assert_allclose(z, y.numpy(), atol=0.2)
+    np.testing.assert_allclose(log_det, log_deriv.numpy().sum(-1), atol=0.2)
+    if spread == 0.0 and first is None:
         np.testing.assert_allclose(z, x, atol=0.2)
     else:  # Not the identity: the check above is not vacuous.
         assert np.abs(z - x).max() > 0.2
 
 
+def test_first_spread_moves_the_first_dimensions_offsets_only():
+    # Two flows built alike but for `first_spread` differ exactly by the change
+    # of start in the first dimension's parameters, for either head.
+    for context_units in (None, 3):
+        flows = [build("dsf", 4, randomized=False, seed=2, context_units=context_units,
+                       input_order="random", initial_spread=1.0, first_spread=f)
+                 for f in (None, 2.5)]
+        theta = [naf.transformer_params(tf.zeros([1, 4])).numpy()[0] for naf in flows]
+        initial = tfp_naf.DeepSigmoidalFlow.initial_params
+        expected = np.zeros_like(theta[0])
+        expected[conditioners.solve_order(flows[0].conditioner)[0]] = (
+            initial(4, 1, 2.5) - initial(4, 1, 1.0))
+        np.testing.assert_allclose(theta[1] - theta[0], expected, atol=1e-6)
+
+
 def test_initial_spread_is_checked():
     with pytest.raises(ValueError, match="initial_spread"):
         build("dsf", 3, randomized=False, initial_spread=-1.0)
+    with pytest.raises(ValueError, match="first_spread"):
+        build("dsf", 3, randomized=False, first_spread=float("nan"))
 
 
 @pytest.mark.parametrize("variant", ["dsf", "ddsf-cond", "dsf-compact"])

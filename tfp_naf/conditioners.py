@@ -35,6 +35,7 @@ tfb = tfp.bijectors
 OUTPUT_INIT_SCALE = 0.3
 
 __all__ = [
+    "add_to_first_offsets",
     "CompactAutoregressiveNetwork",
     "IncrementalHead",
     "dimension_head",
@@ -236,6 +237,21 @@ def shrink_output_layer(
     network = getattr(made, "_network", None)
     if network is None:
         raise ValueError("The MADE must be built before its output layer is scaled.")
+    dense = _output_denses(network)
+    for layer in dense:
+        layer.kernel.assign(layer.kernel * tf.cast(scale, layer.kernel.dtype))
+        if layer.bias is not None:
+            layer.bias.assign(
+                tf.random.normal(layer.bias.shape, stddev=scale, dtype=layer.bias.dtype)
+            )
+    if offset is not None:
+        layer = _biased_output_layer(dense)
+        offset = np.asarray(offset, layer.bias.dtype.as_numpy_dtype)
+        layer.bias.assign_add(np.tile(offset, layer.bias.shape[0] // offset.shape[0]))
+
+
+def _output_denses(network) -> list:
+    """The MADE's output layer: every Dense after the last activation."""
     layers = list(network.layers)
     activations = [
         i for i, layer in enumerate(layers) if isinstance(layer, tf_keras.layers.Activation)
@@ -244,20 +260,39 @@ def shrink_output_layer(
     dense = [layer for layer in tail if isinstance(layer, tf_keras.layers.Dense)]
     if not dense:
         raise ValueError("Could not find the output layer of the MADE.")
-    for layer in dense:
-        layer.kernel.assign(layer.kernel * tf.cast(scale, layer.kernel.dtype))
-        if layer.bias is not None:
-            layer.bias.assign(
-                tf.random.normal(layer.bias.shape, stddev=scale, dtype=layer.bias.dtype)
-            )
-    if offset is not None:
-        # The autoregressive (masked) layer's bias, `[D * P]`, dimension-major.
-        layer = next((d for d in dense if d.bias is not None and d.kernel_constraint is not None),
-                     None)
-        if layer is None:
-            raise ValueError("Could not find the biased autoregressive output layer of the MADE.")
-        offset = np.asarray(offset, layer.bias.dtype.as_numpy_dtype)
-        layer.bias.assign_add(np.tile(offset, layer.bias.shape[0] // offset.shape[0]))
+    return dense
+
+
+def _biased_output_layer(dense):
+    """The autoregressive (masked) output layer, whose bias is `[D * P]`, dimension-major."""
+    layer = next((d for d in dense if d.bias is not None and d.kernel_constraint is not None),
+                 None)
+    if layer is None:
+        raise ValueError("Could not find the biased autoregressive output layer of the MADE.")
+    return layer
+
+
+def add_to_first_offsets(conditioner, delta: "np.ndarray | None") -> None:
+    """Adds `delta` (`[P]`) to the output offsets of the first dimension in autoregressive order.
+
+    That dimension's conditioner sees no `x`: its parameters are these offsets
+    (plus, for a conditional MADE, a function of the condition). For a built
+    `tfb.AutoregressiveNetwork` or `CompactAutoregressiveNetwork`; None does
+    nothing.
+    """
+    if delta is None:
+        return
+    first = int(solve_order(conditioner)[0])
+    if isinstance(conditioner, CompactAutoregressiveNetwork):
+        bias = conditioner._bias
+        delta = np.asarray(delta, bias.dtype.as_numpy_dtype)
+        bias.assign(tf.tensor_scatter_nd_add(bias, [[first]], delta[np.newaxis]))
+        return
+    layer = _biased_output_layer(_output_denses(conditioner._network))
+    num_params = int(conditioner._params)
+    full = np.zeros(layer.bias.shape[0], layer.bias.dtype.as_numpy_dtype)
+    full[first * num_params:(first + 1) * num_params] = delta
+    layer.bias.assign_add(full)
 
 
 # Conditioner -> its head (or None). Weak and outside the conditioner, so the

@@ -16,6 +16,9 @@ from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
 # Initial spread of the built conditioner's sigmoid centres (see `initial_spread`),
 # chosen on validation data (benchmarks/README.md).
 DEFAULT_INITIAL_SPREAD = 2.0
+# The same for the first dimension in the autoregressive order, whose conditioner
+# sees no `x` (see `first_spread`), chosen on validation data (benchmarks/README.md).
+DEFAULT_FIRST_SPREAD = 3.0
 # Learning-rate factor of the built conditioner's unconditioned base parameters
 # (see `base_rate`), chosen on validation data (benchmarks/README.md).
 DEFAULT_BASE_RATE = 10.0
@@ -37,6 +40,15 @@ def _transformer_class(transformer):
     if isinstance(transformer, type) and hasattr(transformer, "num_params"):
         return transformer
     raise TypeError(f"`transformer` must be a name or a class; got {transformer!r}.")
+
+
+def _difference(first, initial, size) -> "np.ndarray | None":
+    """`first - initial` (None standing for zeros), or None where it is 0."""
+    if first is None and initial is None:
+        return None
+    delta = (np.zeros(size) if first is None else first) - (
+        np.zeros(size) if initial is None else initial)
+    return delta if np.any(delta) else None
 
 
 def _as_shape(shape) -> "list[int] | None":
@@ -129,6 +141,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         conditional_input_layers: str = "all_layers",
         context_units: "int | None" = None,
         initial_spread: "float | None" = None,
+        first_spread: "float | None" = None,
         base_rate: "float | None" = None,
         clip: float = DEFAULT_CLIP,
         min_slope: float = DEFAULT_MIN_SLOPE,
@@ -171,6 +184,11 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             rather than stacked at 0. 0 starts every flow near the identity.
             None means `DEFAULT_INITIAL_SPREAD` (2), chosen on validation data
             (benchmarks/README.md). Ignored for a conditioner you pass in.
+          first_spread: the same for the first dimension in the autoregressive
+            order. Its conditioner sees no `x`, so its transformer is one fixed
+            map of the whole marginal, which a wider start covers sooner. None
+            means `DEFAULT_FIRST_SPREAD` (3, chosen on validation data) when
+            `initial_spread` is None, and `initial_spread` otherwise.
           base_rate: `r >= 0`. The flow also learns unconditioned base
             parameters `beta` (`[D, P]`, starting at 0) and uses
             `theta = conditioner(x, c) + r * beta`. Under Adam-like optimisers
@@ -209,6 +227,12 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
                     raise ValueError(
                         "`event_shape` is required when no `conditioner` is given."
                     )
+                initial = self._initial_params(
+                    transformer_cls, int(num_units), num_layers, initial_spread)
+                first = self._initial_params(
+                    transformer_cls, int(num_units), num_layers,
+                    self._first_spread(transformer_cls, initial_spread, first_spread),
+                    "first_spread")
                 conditioner = self._build_conditioner(
                     num_params=num_params,
                     event_shape=event_shape,
@@ -219,10 +243,11 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
                     conditional_event_shape=conditional_event_shape,
                     conditional_input_layers=conditional_input_layers,
                     context_units=context_units,
-                    initial_params=self._initial_params(
-                        transformer_cls, int(num_units), num_layers, initial_spread),
+                    initial_params=initial,
                     dtype=dtype,
                 )
+                conditioners.add_to_first_offsets(
+                    conditioner, _difference(first, initial, num_params))
             else:
                 self._check_conditioner(conditioner, num_params, event_shape)
                 dtype = conditioner.dtype
@@ -286,7 +311,20 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         return cls.num_params(int(num_units), 1 if cls is TRANSFORMERS["dsf"] else int(num_layers))
 
     @staticmethod
-    def _initial_params(transformer_cls, num_units, num_layers, spread) -> "np.ndarray | None":
+    def _first_spread(transformer_cls, initial_spread, first_spread):
+        """The first dimension's spread: given, or the default rule (see `first_spread`).
+
+        None (start at 0) for a transformer class without `initial_params` by default.
+        """
+        if first_spread is not None:
+            return first_spread
+        if initial_spread is not None:
+            return initial_spread
+        return DEFAULT_FIRST_SPREAD if hasattr(transformer_cls, "initial_params") else None
+
+    @staticmethod
+    def _initial_params(transformer_cls, num_units, num_layers, spread,
+                        name="initial_spread") -> "np.ndarray | None":
         """The built conditioner's starting point; None where it is 0.
 
         A transformer class of your own without `initial_params` starts at 0
@@ -300,10 +338,10 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         if spread == 0.0:
             return None
         if spread < 0.0 or not np.isfinite(spread):
-            raise ValueError(f"`initial_spread` must be finite and >= 0; got {spread}.")
+            raise ValueError(f"`{name}` must be finite and >= 0; got {spread}.")
         if not hasattr(transformer_cls, "initial_params"):
             raise ValueError(
-                f"{transformer_cls.__name__} has no `initial_params`; pass initial_spread=0.")
+                f"{transformer_cls.__name__} has no `initial_params`; pass {name}=0.")
         return transformer_cls.initial_params(num_units, num_layers, spread)
 
     @staticmethod
