@@ -233,7 +233,12 @@ def test_bare_flow_chain_resumes_exactly_from_a_checkpoint(tmp_path, batches):
     assert len(straight.trainable_variables) == 10
     straight_losses = _train(_chain_nll(straight), straight.trainable_variables, straight_opt,
                              data)
-    assert straight_losses[-1] < straight_losses[0] - 0.05
+    # Training moved every variable, so resuming exactly is a real check. (At this learning
+    # rate 8 steps of this DDSF chain are far from monotone: whether the last loss is below
+    # the first depends on the start, so the loss is not what is checked.)
+    for moved, start in zip(straight.trainable_variables, _chain(0).trainable_variables,
+                            strict=True):
+        assert np.max(np.abs(moved.numpy() - start.numpy())) > 1e-3, moved.name
 
     first, first_opt = _chain(0), _adam()
     first_losses = _train(_chain_nll(first), first.trainable_variables, first_opt, data[:half])

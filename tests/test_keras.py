@@ -45,6 +45,7 @@ def test_make_flow_is_standard_normal_at_start_and_tracks_variables(monkeypatch)
     # every NAF starts near the identity: the flow is near N(0, I).
     monkeypatch.setattr(conditioners, "OUTPUT_INIT_SCALE", 1e-2)
     monkeypatch.setattr(flow_module, "DEFAULT_INITIAL_SPREAD", 0.0)
+    monkeypatch.setattr(flow_module, "DEFAULT_FIRST_SPREAD", 0.0)
     flow = make_flow(3, **SMALL)
     x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
     expected = -0.5 * np.sum(x**2, axis=-1) - 1.5 * np.log(2 * np.pi)
@@ -132,6 +133,7 @@ def test_fit_conditional_with_tuple_and_dict_inputs(ring):
 def test_sample_is_reproducible_by_seed_and_in_data_units(monkeypatch):
     monkeypatch.setattr(conditioners, "OUTPUT_INIT_SCALE", 1e-2)  # Starts near N(0, I).
     monkeypatch.setattr(flow_module, "DEFAULT_INITIAL_SPREAD", 0.0)
+    monkeypatch.setattr(flow_module, "DEFAULT_FIRST_SPREAD", 0.0)
     model = NAFDensityModel(event_size=2, **SMALL)
     model.x_mean.assign([10.0, -5.0])
     model.x_scale.assign([2.0, 0.5])
