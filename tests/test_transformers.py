@@ -326,3 +326,15 @@ def test_search_pieces_agree_with_the_forward(kind):
         assert np.all(low <= start) and np.all(start <= high)
     if bij._bracket_is_exact():
         assert np.all(low <= x) and np.all(x <= high)
+
+
+def test_dsf_with_a_linear_tail_inverts_every_value():
+    # With a tail the bracket is not exact (it is widened), and values beyond DSF's
+    # range (-L, L) have preimages too.
+    params = np.random.default_rng(5).normal(size=[4, 3 * NUM_UNITS])
+    bij = DeepSigmoidalFlow(params=params, tail_slope=0.1)
+    assert not bij._bracket_is_exact()
+    x = np.array([-40.0, -1.0, 0.5, 60.0])
+    y = bij.forward(x)
+    assert np.abs(y.numpy()).max() > DeepSigmoidalFlow(params=params).range_limit
+    np.testing.assert_allclose(bij.inverse(tf.identity(y)), x, rtol=1e-9, atol=1e-9)

@@ -796,8 +796,8 @@ class DeepSigmoidalFlow(_SigmoidalTransformer):
         solve for random parameters, both ways) without evaluating `g` at
         the bracket's ends.
         """
-        if self._tail_slope > 0.0:
-            return super()._bracket_and_start(y, params)
+        if self._tail_slope > 0.0:  # Not exact: the generic start, widened by `solve`.
+            return (*super()._bracket(y, params), None)
         (a_raw, b, w_logits, _), = self._split_params(params)
         dtype = self.dtype
         a = _slopes(a_raw, self._min_slope)
