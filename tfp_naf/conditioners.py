@@ -323,16 +323,19 @@ def _made_head(made: tfb.AutoregressiveNetwork):
         inputs = x if conditional_input is None else [x, conditional_input]
         feats = features(inputs)
         feats = feats if isinstance(feats, (list, tuple)) else [feats]
-        theta = 0.0
-        for f, layer in zip(feats, denses, strict=True):
-            # Strided slices (not gathers): their gradients are dense tensors.
-            kernel = tf.reshape(layer.kernel, [-1, event_size, params])
-            theta += tf.matmul(f, kernel[:, d, :])
-            if layer.use_bias:
-                theta += tf.reshape(layer.bias, [event_size, params])[d]
-        return theta
+        return sum(_dimension_outputs(f, layer, d, event_size, params)
+                   for f, layer in zip(feats, denses, strict=True))
 
     return head
+
+
+def _dimension_outputs(h, layer, d, event_size, num_params):
+    """Dimension `d`'s `P` outputs of a Dense layer with `D * P` dimension-major columns."""
+    # Strided slices (not gathers): their gradients are dense tensors.
+    theta = tf.matmul(h, tf.reshape(layer.kernel, [-1, event_size, num_params])[:, d, :])
+    if layer.use_bias:
+        theta += tf.reshape(layer.bias, [event_size, num_params])[d]
+    return theta
 
 
 def dimension_head(conditioner) -> "Callable | None":
@@ -434,12 +437,7 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
         h = state
         for activation, dense in hidden[:-1]:
             h = dense(activation(h))
-        h = hidden[-1][0](h)
-        # Strided slices (not gathers): their gradients are dense tensors.
-        theta = tf.matmul(h, tf.reshape(out.kernel, [-1, event_size, num_params])[:, d, :])
-        if out.use_bias:
-            theta += tf.reshape(out.bias, [event_size, num_params])[d]
-        return theta
+        return _dimension_outputs(hidden[-1][0](h), out, d, event_size, num_params)
 
     def update(state, d, x_d):
         return state + x_d[:, tf.newaxis] * first.kernel[d]

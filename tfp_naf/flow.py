@@ -640,28 +640,22 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         """Pass `k` evaluates only dimension `order[k]`'s parameters and solves it.
 
         The MADE's hidden layers run at every pass, its output layer only for
-        the `P` outputs of one dimension (see `conditioners.dimension_head`).
+        the `P` outputs of one dimension (see `conditioners.dimension_head`):
+        `_inverse_incrementally` with `x` itself as the carried state.
         """
-        order = tf.constant(order, tf.int32)
         c = ckwargs.get("conditional_input")
-
-        base = self._base(y.dtype)
-
-        def solve_pass(k, x):
-            d = tf.gather(order, k)
-            theta_d = head(x, d, c)
-            if base is not None:
-                theta_d = theta_d + base[d]
-            x_d = self._transformer.solve(tf.gather(y, d, axis=-1), theta_d)
-            return self._place(x, d, x_d)
-
-        return self._sequential_passes(y, solve_pass)
+        return self._inverse_incrementally(y, order, conditioners.IncrementalHead(
+            start=lambda x: x,
+            params=lambda x, d: head(x, d, c),
+            update=self._place,
+        ))
 
     def _inverse_incrementally(self, y, order, head):
-        """As `_inverse_by_dimension`, with the MADE's first layer updated, not recomputed.
+        """Pass `k` solves dimension `order[k]` from `head`'s state, then updates the state.
 
-        See `conditioners.IncrementalHead`: each pass adds the solved input's
-        row of the first layer's kernel to the carried pre-activation.
+        With `conditioners.incremental_head` the state is the MADE's first-layer
+        pre-activation, to which each pass adds the solved input's kernel row
+        instead of recomputing the first layer.
         """
         order = tf.constant(order, tf.int32)
         base = self._base(y.dtype)
