@@ -24,9 +24,8 @@ are those of the implicit function theorem, `dx/dy = 1 / g'` and
 `dx/dtheta = -(dg/dtheta) / g'`. That evaluates `g` once more at the root
 even when no gradient is wanted; :func:`solve_increasing_with_params`, for a
 `g` whose parameters are passed explicitly, gives the same derivatives
-through a custom gradient that evaluates `g` at the root only when asked
-(sampling from a flow then costs the search alone: 23% less time under XLA,
-40% in `tf.function`, together with DSF's start and evaluator).
+through a custom gradient that evaluates `g` at the root only when asked, so
+sampling from a flow costs the search alone (`python -m benchmarks.inverse`).
 """
 
 from __future__ import annotations
