@@ -16,13 +16,18 @@ XLA, next to TFP's MAF:
   (`root_finding.solve_increasing_with_params`); off: always, as
   `solve_increasing` does.
 * `incremental`: the MADE's first-layer pre-activation is carried between
-  passes (`conditioners.IncrementalHead`); off: `dimension_head`, which
-  recomputes it.
+  passes (`conditioners.IncrementalHead`), and in a conditional flow the
+  hidden layers' terms in the condition `c` are computed once per inverse;
+  off: `dimension_head`, which recomputes them at every pass.
+
+With `--conditional C` the flow is conditional, `p(x | c)` with `c` of size
+`C` (one condition per sample, as when drawing from an amortised posterior
+for many observations); MAF stays the unconditional reference.
 
 Each variant is traced with the switch patched and the patch undone after
 tracing, so all variants share one flow and one input.
 
-    python -m benchmarks.inverse [--rounds 9] [--threads 2]
+    python -m benchmarks.inverse [--rounds 9] [--threads 2] [--conditional C]
 """
 
 from __future__ import annotations
@@ -65,9 +70,28 @@ def _switched_off(name: "str | None"):
         conditioners.incremental_head = saved["incremental"]
 
 
-def run(rounds: int) -> dict:
-    ops = speed._operations("naf-dsf")[0]
-    sample, z = ops["sample"]
+def _conditional_sample(conditional_size: int, seed: int = 0):
+    """`(sample, z)`: 512 draws of a conditional naf-dsf (the setup of `benchmarks.speed`)."""
+    from benchmarks.models import build_flow, conditional_kwargs, perturb
+
+    tf.keras.utils.set_random_seed(seed)
+    _, to_noise, conds = build_flow("naf-dsf", speed.D, speed.HIDDEN, num_flows=speed.FLOWS,
+                                    num_units=speed.UNITS, conditional_size=conditional_size)
+    x = tf.random.normal([speed.BATCH, speed.D], seed=seed)
+    c = tf.random.normal([speed.BATCH, conditional_size], seed=seed + 1)
+    kwargs = conditional_kwargs(speed.FLOWS, c)
+    to_noise.forward(x, **kwargs)  # Builds the conditioners.
+    perturb(conds, scale=0.1, seed=seed)
+    z = tf.constant(to_noise.forward(x, **kwargs).numpy())
+    to_data = speed.tfp_invert(to_noise)
+    return (lambda z: to_data.forward(z, **kwargs)), z
+
+
+def run(rounds: int, conditional_size: "int | None" = None) -> dict:
+    if conditional_size:
+        sample, z = _conditional_sample(conditional_size)
+    else:
+        sample, z = speed._operations("naf-dsf")[0]["sample"]
     maf_sample, maf_z = speed._operations("maf")[0]["sample"]
     report = {}
     for mode, jit in (("tf.function", False), ("jit_compile", True)):
@@ -95,7 +119,10 @@ def run(rounds: int) -> dict:
 
 def markdown(report: dict) -> str:
     modes = ("tf.function", "jit_compile")
-    lines = ["512 samples, D = 43 (ms, median; ratio to TFP MAF's 512 samples in the same mode)",
+    size = report.get("conditional_size")
+    flow = f"a conditional flow, c of size {size}" if size else "an unconditional flow"
+    lines = [f"512 samples, D = 43, {flow} (ms, median; ratio to TFP MAF's 512 samples in the "
+             "same mode)",
              "",
              "| variant | " + " | ".join(f"{m} (ms) | / MAF" for m in modes) + " |",
              "|---|" + "---|---|" * len(modes)]
@@ -116,11 +143,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="intra- and inter-op threads (default: TensorFlow's)")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--conditional", type=int, default=None, metavar="C",
+                        help="time a conditional flow, p(x | c) with c of size C")
     args = parser.parse_args(argv)
+    if args.conditional is not None and args.conditional < 1:
+        parser.error("--conditional must be a positive size")
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    report = run(args.rounds)
+    report = run(args.rounds, args.conditional)
+    if args.conditional:
+        report["conditional_size"] = args.conditional
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"inverse{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -84,21 +84,15 @@ def test_other_conditioners_have_no_head():
     assert conditioners.dimension_head(made) is not None
 
 
-@pytest.mark.parametrize("hidden_units, conditional, context_units", CASES)
-def test_incremental_head_follows_the_inverse_passes(hidden_units, conditional, context_units):
+def _check_incremental_head(conditioner, head, c=None):
     # Along the inverse's passes (inputs not yet solved are 0), the carried
-    # first-layer state gives exactly the full conditioner's slice.
-    naf = flow(hidden_units, conditional, context_units)
-    head = conditioners.incremental_head(naf.conditioner)
-    if conditional or not hidden_units:
-        assert head is None
-        return
-    assert head is not None
+    # state gives exactly the full conditioner's slice.
+    ckwargs = {} if c is None else {"conditional_input": c}
     x_true = tf.random.normal([5, D], dtype=tf.float64)
     x = tf.zeros_like(x_true)
-    state = head.start(x)
-    for d in conditioners.solve_order(naf.conditioner):
-        full = naf.conditioner(x)
+    state = head.start(x, c)
+    for d in conditioners.solve_order(conditioner):
+        full = conditioner(x, **ckwargs)
         np.testing.assert_allclose(head.params(state, tf.constant(d)), full[:, d],
                                    rtol=1e-12, atol=1e-12)
         x_d = x_true[:, d]
@@ -106,30 +100,67 @@ def test_incremental_head_follows_the_inverse_passes(hidden_units, conditional, 
             tf.transpose(x), [[d]], x_d[tf.newaxis])
         x = tf.transpose(x)
         state = head.update(state, tf.constant(d), x_d)
-    np.testing.assert_allclose(state, head.start(x_true), rtol=1e-12, atol=1e-12)
-    # Gradients reach the conditioner's variables as dense tensors.
+    tf.nest.map_structure(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+        state, head.start(x_true, c))
+    # Gradients reach every variable of the conditioner (the conditional
+    # input's weights too) as dense tensors.
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(head.params(head.update(state, tf.constant(0), x_true[:, 0]),
-                                         tf.constant(D - 1)) ** 2)
-    grads = tape.gradient(loss, naf.trainable_variables)
-    assert any(g is not None for g in grads)
-    assert all(isinstance(g, tf.Tensor) for g in grads if g is not None)
+        state = head.update(head.start(tf.zeros_like(x_true), c), tf.constant(0), x_true[:, 0])
+        loss = tf.reduce_sum(head.params(state, tf.constant(D - 1)) ** 2)
+    grads = tape.gradient(loss, conditioner.trainable_variables)
+    assert all(isinstance(g, tf.Tensor) for g in grads)
 
 
-@pytest.mark.parametrize("hidden_units, context_units", [([16, 8], None), ([8, 8], 3)])
-def test_inverse_incrementally_matches_full_passes(hidden_units, context_units):
-    naf = flow(hidden_units, False, context_units)
-    z = naf.forward(tf.random.normal([6, D], dtype=tf.float64))
+@pytest.mark.parametrize("hidden_units, conditional, context_units", CASES)
+def test_incremental_head_follows_the_inverse_passes(hidden_units, conditional, context_units):
+    naf = flow(hidden_units, conditional, context_units)
+    head = conditioners.incremental_head(naf.conditioner)
+    if not hidden_units:
+        assert head is None
+        return
+    assert head is not None
+    c = tf.random.normal([5, 2], dtype=tf.float64) if conditional else None
+    _check_incremental_head(naf.conditioner, head, c)
+
+
+@pytest.mark.parametrize("conditional_layers", ["first_layer", "all_layers"])
+def test_incremental_head_of_a_conditional_made(conditional_layers):
+    made = tfb.AutoregressiveNetwork(
+        params=3, event_shape=[D], conditional=True, conditional_event_shape=[2],
+        conditional_input_layers=conditional_layers, hidden_units=[8, 6], activation="relu",
+        input_order="random", bias_initializer="glorot_uniform", dtype=tf.float64)
+    made(tf.zeros([1, D], tf.float64), conditional_input=tf.zeros([1, 2], tf.float64))
+    conditioners.match_dtype(made)  # As the flow does with a MADE it is given.
+    head = conditioners.incremental_head(made)
+    assert head is not None
+    _check_incremental_head(made, head, tf.random.normal([5, 2], dtype=tf.float64))
+    with pytest.raises(ValueError, match="conditional"):
+        head.start(tf.zeros([5, D], tf.float64))
+
+
+@pytest.mark.parametrize("hidden_units, conditional, context_units",
+                         [([16, 8], False, None), ([8, 8], False, 3), ([16], True, None),
+                          ([8, 8], True, 3)])
+def test_inverse_incrementally_matches_full_passes(hidden_units, conditional, context_units):
+    naf = flow(hidden_units, conditional, context_units)
+    c = tf.random.normal([6, 2], dtype=tf.float64) if conditional else None
+    ckwargs = {} if c is None else {"conditional_input": c}
+    z = naf.forward(tf.random.normal([6, D], dtype=tf.float64), **ckwargs)
     order = conditioners.solve_order(naf.conditioner)
     head = conditioners.incremental_head(naf.conditioner)
-    incremental = naf._inverse_incrementally(z, order, head)
-    np.testing.assert_allclose(incremental, naf._inverse_by_full_passes(z, {}, order),
+    incremental = naf._inverse_incrementally(z, order, head, c)
+    np.testing.assert_allclose(incremental, naf._inverse_by_full_passes(z, ckwargs, order),
                                rtol=1e-10, atol=1e-10)
+    # The public inverse takes this path and agrees too.
+    np.testing.assert_allclose(naf.inverse(z, **ckwargs), incremental, rtol=1e-10, atol=1e-10)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(z)
-        a = naf._inverse_incrementally(z, order, head)
-        b = naf._inverse_by_full_passes(z, {}, order)
-    for t in [z] + list(naf.trainable_variables):
+        if c is not None:
+            tape.watch(c)
+        a = naf._inverse_incrementally(z, order, head, c)
+        b = naf._inverse_by_full_passes(z, ckwargs, order)
+    for t in [z] + ([] if c is None else [c]) + list(naf.trainable_variables):
         ga, gb = tape.gradient(a, t), tape.gradient(b, t)
         if gb is None:
             continue

@@ -384,11 +384,16 @@ class IncrementalHead(NamedTuple):
     so the first layer's pre-activation `x @ W1 + b1` changes by
     `x_d * W1[d]`: the state carries it between passes instead of recomputing
     the `[N, D] x [D, H1]` product every time. The layers after it run at every
-    pass, and the output layer only for dimension `d`'s `P` outputs.
+    pass, and the output layer only for dimension `d`'s `P` outputs. In a
+    conditional MADE the conditional input's terms `c @ V_l` do not change
+    between passes: the first layer's is folded into the carried
+    pre-activation and the other hidden layers' are carried alongside, so `c`
+    is multiplied by each hidden layer's `V_l` once per inverse instead of
+    once per pass.
     """
 
     start: Callable
-    """`(x) -> state`: the first layer's pre-activation at `x` (`[N, H1]`)."""
+    """`(x, conditional_input=None) -> state`: the state at `x` (and `c`)."""
     params: Callable
     """`(state, d) -> theta[:, d, :]`, `[N, P]`."""
     update: Callable
@@ -399,12 +404,12 @@ _INCREMENTAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def incremental_head(conditioner) -> "IncrementalHead | None":
-    """An `IncrementalHead` for a built unconditional MADE (or compact network), else None.
+    """An `IncrementalHead` for a built MADE (or compact network), else None.
 
-    Equal to `conditioner(x)[:, d]` up to rounding at every pass where the
-    inputs not yet solved are 0 (as in the flow's inverse). Conditional MADEs,
-    MADEs without hidden layers and other conditioners give None (the flow
-    then uses `dimension_head`).
+    Equal to `conditioner(x, c)[:, d]` up to rounding at every pass where the
+    inputs not yet solved are 0 (as in the flow's inverse). MADEs without
+    hidden layers and other conditioners give None (the flow then uses
+    `dimension_head`).
     """
     def compact(net, inner):
         def params(state, d):
@@ -415,31 +420,86 @@ def incremental_head(conditioner) -> "IncrementalHead | None":
     return _cached_head(_INCREMENTAL, conditioner, _made_incremental, compact)
 
 
+def _is_linear_dense(layer) -> bool:
+    return (type(layer) is tf_keras.layers.Dense
+            and layer.activation is tf_keras.activations.linear)
+
+
+def _made_layers(made: tfb.AutoregressiveNetwork):
+    """`(blocks, activations)` of a built MADE, input to output, or None for another layout.
+
+    `blocks[l] = (dense, conditional_dense or None)`: layer `l` is
+    `dense(h) + conditional_dense(c)`; `activations[l]` follows `blocks[l]`.
+    Read from the Keras graph backwards from the output, as
+    `tfb.AutoregressiveNetwork` lays it out: Dense, or Add of a Dense of the
+    previous layer and a bias-free Dense of the conditional input.
+    """
+    network = made._network
+    x_input = network.inputs[0]
+    c_input = network.inputs[1] if len(network.inputs) > 1 else None
+    blocks, activations = [], []
+    t = network.outputs[0]
+    while True:
+        layer = t._keras_history.layer
+        c_dense = None
+        if isinstance(layer, tf_keras.layers.Add):
+            if len(layer.input) != 2:
+                return None
+            a, b = layer.input
+            layer, c_dense = a._keras_history.layer, b._keras_history.layer
+            if (not _is_linear_dense(c_dense) or c_dense.use_bias or c_input is None
+                    or c_dense.input is not c_input):
+                return None
+        if not _is_linear_dense(layer):
+            return None
+        blocks.append((layer, c_dense))
+        t = layer.input
+        if t is x_input:
+            break
+        activation = t._keras_history.layer
+        if type(activation) is not tf_keras.layers.Activation:
+            return None
+        activations.append(activation)
+        t = activation.input
+    return blocks[::-1], activations[::-1]
+
+
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
-    """The `IncrementalHead` of an unconditional MADE laid out as Dense, (Activation, Dense)+."""
-    if getattr(made, "_conditional", False):
+    """The `IncrementalHead` of a MADE laid out as in `_made_layers`, with hidden layers."""
+    layout = _made_layers(made)
+    if layout is None or len(layout[0]) < 2:
         return None
-    layers = [layer for layer in made._network.layers
-              if not isinstance(layer, tf_keras.layers.InputLayer)]
-    denses, activations = layers[0::2], layers[1::2]
-    if (len(layers) < 3 or len(layers) % 2 == 0
-            or not all(type(layer) is tf_keras.layers.Dense for layer in denses)
-            or not all(type(layer) is tf_keras.layers.Activation for layer in activations)
-            or any(layer.activation is not tf_keras.activations.linear for layer in denses)):
-        return None
-    first, hidden, out = denses[0], list(zip(activations, denses[1:], strict=True)), denses[-1]
+    blocks, activations = layout
+    (first, first_c), hidden, (out, out_c) = blocks[0], blocks[1:-1], blocks[-1]
+    conditional = any(c_dense is not None for _, c_dense in blocks)
     event_size, num_params = int(made._event_size), int(made._params)
 
-    def start(x):
-        return first(x)
+    def start(x, conditional_input=None):
+        pre = first(x)
+        if not conditional:
+            return pre
+        if conditional_input is None:
+            raise ValueError("This conditioner is conditional: give `conditional_input`.")
+        c = conditional_input
+        if first_c is not None:
+            pre = pre + first_c(c)
+        return pre, tuple(c_dense(c) for _, c_dense in hidden if c_dense is not None), c
 
     def params(state, d):
-        h = state
-        for activation, dense in hidden[:-1]:
+        pre, terms, c = state if conditional else (state, (), None)
+        terms = iter(terms)
+        h = pre
+        for activation, (dense, c_dense) in zip(activations[:-1], hidden, strict=True):
             h = dense(activation(h))
-        return _dimension_outputs(hidden[-1][0](h), out, d, event_size, num_params)
+            if c_dense is not None:
+                h = h + next(terms)
+        theta = _dimension_outputs(activations[-1](h), out, d, event_size, num_params)
+        if out_c is not None:
+            theta += _dimension_outputs(c, out_c, d, event_size, num_params)
+        return theta
 
     def update(state, d, x_d):
-        return state + x_d[:, tf.newaxis] * first.kernel[d]
+        delta = x_d[:, tf.newaxis] * first.kernel[d]
+        return state + delta if not conditional else (state[0] + delta, *state[1:])
 
     return IncrementalHead(start, params, update)

@@ -604,12 +604,13 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             self._theta(tf.zeros_like(y), ckwargs)  # Builds the conditioner.
         order = conditioners.solve_order(self._conditioner)
         incremental = head = None
-        if order is not None and "conditional_input" not in ckwargs:
+        if order is not None:
             incremental = conditioners.incremental_head(self._conditioner)
         if order is not None and incremental is None:
             head = conditioners.dimension_head(self._conditioner)
         if incremental is not None:
-            x = self._inverse_incrementally(y, order, incremental)
+            x = self._inverse_incrementally(y, order, incremental,
+                                            ckwargs.get("conditional_input"))
         elif head is not None:
             x = self._inverse_by_dimension(y, ckwargs, order, head)
         else:
@@ -645,17 +646,18 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         """
         c = ckwargs.get("conditional_input")
         return self._inverse_incrementally(y, order, conditioners.IncrementalHead(
-            start=lambda x: x,
+            start=lambda x, conditional_input=None: x,
             params=lambda x, d: head(x, d, c),
             update=self._place,
         ))
 
-    def _inverse_incrementally(self, y, order, head):
+    def _inverse_incrementally(self, y, order, head, conditional_input=None):
         """Pass `k` solves dimension `order[k]` from `head`'s state, then updates the state.
 
         With `conditioners.incremental_head` the state is the MADE's first-layer
         pre-activation, to which each pass adds the solved input's kernel row
-        instead of recomputing the first layer.
+        instead of recomputing the first layer (with a conditional MADE, also
+        its hidden layers' terms in `conditional_input`, computed once).
         """
         order = tf.constant(order, tf.int32)
         base = self._base(y.dtype)
@@ -672,7 +674,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         _, x, _ = tf.while_loop(
             lambda k, x, state: k < self._event_size,
             body,
-            (tf.constant(0), x, head.start(x)),
+            (tf.constant(0), x, head.start(x, conditional_input)),
             maximum_iterations=self._event_size,
         )
         return x
