@@ -36,6 +36,7 @@ OUTPUT_INIT_SCALE = 0.3
 
 __all__ = [
     "add_to_first_offsets",
+    "call_conditioner",
     "CompactAutoregressiveNetwork",
     "IncrementalHead",
     "dimension_head",
@@ -150,7 +151,12 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x, conditional_input=None):
-        if conditional_input is None:
+        forward = None
+        if conditional_input is not None and x.shape.rank == 2:
+            forward = _conditional_forward(self._made)
+        if forward is not None:  # See `call_conditioner`.
+            context = forward(x, tf.convert_to_tensor(conditional_input, dtype=x.dtype))
+        elif conditional_input is None:
             context = self._made(x)
         else:
             context = self._made(x, conditional_input=conditional_input)
@@ -464,6 +470,72 @@ def _made_layers(made: tfb.AutoregressiveNetwork):
     return blocks[::-1], activations[::-1]
 
 
+def _affine(h, dense, term=None):
+    """`dense(h)`, plus a conditional layer's `term = c @ V` folded into the bias first.
+
+    `h @ K + (b + term)` rather than `(h @ K + b) + term`, which is what a
+    conditional `tfb.AutoregressiveNetwork` computes (a Dense layer, then an
+    Add layer): TensorFlow's oneDNN graph rewrite ("remapper") fails on the
+    pattern `MatMul, BiasAdd, Add, Relu`, logs errors ("Op type not
+    registered ''", "has an empty op name") and leaves the whole
+    `tf.function` without its graph optimisations.
+    """
+    out = tf.matmul(h, dense.kernel)
+    if term is not None:
+        return out + (term + dense.bias if dense.use_bias else term)
+    return tf.nn.bias_add(out, dense.bias) if dense.use_bias else out
+
+
+_CONDITIONAL_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _conditional_forward(made) -> "Callable | None":
+    """`(x [N, D], c [N, C]) -> [N, D, P]` of a built conditional MADE, or None.
+
+    The MADE's own arithmetic, layer by layer through `_affine`. None for an
+    unconditional or unbuilt MADE, or another layout. Cached per MADE.
+    """
+    if made in _CONDITIONAL_FORWARDS:
+        return _CONDITIONAL_FORWARDS[made]
+    if (type(made) is not tfb.AutoregressiveNetwork or not getattr(made, "_conditional", False)
+            or not made.built):
+        return None
+    try:
+        layout = _made_layers(made)
+    except (AttributeError, TypeError, ValueError):
+        layout = None
+    if layout is None:
+        return None
+    blocks, activations = layout
+    shape = [-1, int(made._event_size), int(made._params)]
+
+    def forward(x, c):
+        h = x
+        for i, (dense, c_dense) in enumerate(blocks):
+            h = _affine(h, dense, None if c_dense is None else tf.matmul(c, c_dense.kernel))
+            if i < len(activations):
+                h = activations[i](h)
+        return tf.reshape(h, shape)
+
+    _CONDITIONAL_FORWARDS[made] = forward
+    return forward
+
+
+def call_conditioner(conditioner, x, conditional_input=None):
+    """`conditioner(x, conditional_input=c)`, for `x` `[N, D]` and `c` `[N, C]`.
+
+    A built conditional `tfb.AutoregressiveNetwork` is evaluated through
+    `_conditional_forward`: the same values and gradients, without the
+    graph-rewrite failure described in `_affine`. Anything else is called.
+    """
+    if conditional_input is None:
+        return conditioner(x)
+    forward = _conditional_forward(conditioner) if x.shape.rank == 2 else None
+    if forward is None:
+        return conditioner(x, conditional_input=conditional_input)
+    return forward(x, tf.convert_to_tensor(conditional_input, dtype=x.dtype))
+
+
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
     """The `IncrementalHead` of a MADE laid out as in `_made_layers`, with hidden layers."""
     layout = _made_layers(made)
@@ -475,24 +547,26 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
     event_size, num_params = int(made._event_size), int(made._params)
 
     def start(x, conditional_input=None):
-        pre = first(x)
         if not conditional:
-            return pre
+            return first(x)
         if conditional_input is None:
             raise ValueError("This conditioner is conditional: give `conditional_input`.")
         c = conditional_input
-        if first_c is not None:
-            pre = pre + first_c(c)
-        return pre, tuple(c_dense(c) for _, c_dense in hidden if c_dense is not None), c
+        pre = _affine(x, first, None if first_c is None else tf.matmul(c, first_c.kernel))
+        # Each later hidden layer's condition term, with its bias: `c V_l + b_l`.
+        terms = tuple(_affine(c, c_dense) + (dense.bias if dense.use_bias else 0.0)
+                      for dense, c_dense in hidden if c_dense is not None)
+        return pre, terms, c
 
     def params(state, d):
         pre, terms, c = state if conditional else (state, (), None)
         terms = iter(terms)
         h = pre
         for activation, (dense, c_dense) in zip(activations[:-1], hidden, strict=True):
-            h = dense(activation(h))
-            if c_dense is not None:
-                h = h + next(terms)
+            if c_dense is None:
+                h = _affine(activation(h), dense)
+            else:
+                h = tf.matmul(activation(h), dense.kernel) + next(terms)
         theta = _dimension_outputs(activations[-1](h), out, d, event_size, num_params)
         if out_c is not None:
             theta += _dimension_outputs(c, out_c, d, event_size, num_params)

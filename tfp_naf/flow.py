@@ -557,7 +557,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             theta = self._conditioner(x, **ckwargs)
         else:
             flat_x, flat_ckwargs, batch = self._flat_batch(x, ckwargs)
-            theta = self._conditioner(flat_x, **flat_ckwargs)
+            theta = conditioners.call_conditioner(self._conditioner, flat_x, **flat_ckwargs)
             theta = tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
         base = self._base(theta.dtype)
         return theta if base is None else theta + base
