@@ -2,7 +2,7 @@
 
 The inverse of a NAF is `D` sequential passes; each pass evaluates the
 conditioner for one dimension and solves that dimension's transformer by a
-bracketed Newton search. Four things make it cheaper; this times 512 samples
+bracketed Newton search. Five things make it cheaper; this times 512 samples
 (D=43, the setup of `benchmarks.speed`) with all of them, and with each
 switched off in turn, in one process, round-robin, in `tf.function` and under
 XLA, next to TFP's MAF:
@@ -15,6 +15,9 @@ XLA, next to TFP's MAF:
 * `lazy_root`: `g` at the root is evaluated only for gradients
   (`root_finding.solve_increasing_with_params`); off: always, as
   `solve_increasing` does.
+* `predicted_stop`: the search stops after a Newton step whose remaining
+  error, predicted from the last two steps, is below `x`'s float resolution
+  (`root_finding.PREDICTED_STOP`); off: one more evaluation confirms it.
 * `incremental`: the MADE's first-layer pre-activation is carried between
   passes (`conditioners.IncrementalHead`), and in a conditional flow the
   hidden layers' terms in the condition `c` are computed once per inverse;
@@ -40,10 +43,10 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import speed
-from tfp_naf import conditioners, transformers
+from tfp_naf import conditioners, root_finding, transformers
 
 RESULTS = speed.RESULTS
-SWITCHES = ("evaluator", "start", "lazy_root", "incremental")
+SWITCHES = ("evaluator", "start", "lazy_root", "predicted_stop", "incremental")
 
 
 @contextlib.contextmanager
@@ -51,7 +54,8 @@ def _switched_off(name: "str | None"):
     """Patches one saving out of the library while a function is traced."""
     cls, dsf = transformers._SigmoidalTransformer, transformers.DeepSigmoidalFlow
     saved = dict(evaluator=cls._evaluator, start=dsf._bracket_and_start,
-                 lazy_root=dsf._params_are_explicit, incremental=conditioners.incremental_head)
+                 lazy_root=dsf._params_are_explicit, incremental=conditioners.incremental_head,
+                 predicted_stop=root_finding.PREDICTED_STOP)
     if name == "evaluator":
         cls._evaluator = lambda self, params: (
             lambda x: self.forward_and_log_derivative(x, params))
@@ -60,6 +64,8 @@ def _switched_off(name: "str | None"):
                                                           None)
     elif name == "lazy_root":
         dsf._params_are_explicit = False
+    elif name == "predicted_stop":
+        root_finding.PREDICTED_STOP = False
     elif name == "incremental":
         conditioners.incremental_head = lambda conditioner: None
     try:
@@ -68,6 +74,7 @@ def _switched_off(name: "str | None"):
         cls._evaluator, dsf._bracket_and_start = saved["evaluator"], saved["start"]
         dsf._params_are_explicit = saved["lazy_root"]
         conditioners.incremental_head = saved["incremental"]
+        root_finding.PREDICTED_STOP = saved["predicted_stop"]
 
 
 def _conditional_sample(conditional_size: int, seed: int = 0):
