@@ -44,13 +44,14 @@ __all__ = [
     "solve_increasing_with_params",
 ]
 
-# Whether the search stops after a Newton step `s` that followed another Newton
-# step `s_prev` once the error it leaves, estimated by quadratic convergence as
-# `|s|^3 / s_prev^2` (`e_next = C e^2`, `C` read off the two steps), is below
-# the float resolution of `x`, `eps (1 + |x|)`: the step is then taken without
-# a further evaluation of `g` to confirm it (the last of ~4 per solve in a
-# flow's inverse), and the root is as precise as with that evaluation. Read
-# when a search is traced.
+# Whether the search stops after a Newton step `s` once the error it leaves,
+# estimated by quadratic convergence (`e_next = C e^2`) as `C s^2`, is below the
+# float resolution of `x`, `eps (1 + |x|)`: the step is then taken without a
+# further evaluation of `g` to confirm it (the last of ~4 per solve in a
+# flow's inverse). `C = |s| / s_prev^2` is read off the last two Newton steps
+# and trusted only when the two steps before gave the same within a factor of
+# 4: a single ratio misjudged steep, far-from-quadratic transformers (roots
+# off by up to ~2,000 eps). Read when a search is traced.
 PREDICTED_STOP = True
 
 # fn(x) -> (g(x), log g'(x)), elementwise.
@@ -133,8 +134,8 @@ def find_root_increasing(
       tolerance: an element has converged once its Newton error estimate
         `|g(x) - y| / g'(x)` is below `tolerance * (1 + |x|)` or its bracket
         is narrower than that, or once the error left by its last Newton
-        step, estimated from the last two, is below the float resolution of
-        `x` (`PREDICTED_STOP`).
+        step, predicted from the last three, is below the float resolution
+        of `x` (`PREDICTED_STOP`).
       max_iterations: hard cap on the number of iterations.
       initial: optional starting point inside the bracket (for example a
         transformer's own estimate). The ends are then not evaluated: until an
@@ -164,7 +165,7 @@ def find_root_increasing(
         t = tf.where(tf.math.is_finite(t), t, 0.5)
         return lo + tf.clip_by_value(t, 1.0 / 16.0, 15.0 / 16.0) * width
 
-    def body(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done, was_newton):
+    def body(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done, was_newton, c_prev):
         value, log_deriv = fn(x)
         f = value - y
         below, above = f < 0, f > 0
@@ -187,26 +188,30 @@ def find_root_increasing(
         x_new = tf.where(use_newton, newton, fallback)
         x_new = tf.where((tf.abs(f) <= noise) | done, x, x_new)
         newton_done = tf.abs(newton_step) <= scale
+        step = tf.abs(newton_step)
+        # The quadratic-convergence constant read off this step and the last.
+        c_now = tf.where(was_newton & use_newton,
+                         tf.math.divide_no_nan(step, tf.square(last_step)), infinite)
         if predicted_stop:  # See PREDICTED_STOP.
-            step = tf.abs(newton_step)
-            predicted = step * tf.math.divide_no_nan(tf.square(step), tf.square(last_step))
-            newton_done |= was_newton & (predicted <= eps * (1.0 + tf.abs(x)))
+            consistent = (c_now <= 4.0 * c_prev) & (c_prev <= 4.0 * c_now)
+            predicted = c_now * tf.square(step)
+            newton_done |= consistent & (predicted <= eps * (1.0 + tf.abs(x)))
         converged = done | (tf.abs(f) <= noise) | (width <= scale) | (use_newton & newton_done)
         return (i + 1, x_new, lo, hi, f_lo, f_hi, x_new - x,
-                tf.where(use_newton, last_width, width), f, converged, use_newton)
+                tf.where(use_newton, last_width, width), f, converged, use_newton, c_now)
 
-    def cond(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done, was_newton):
+    def cond(i, x, lo, hi, f_lo, f_hi, last_step, last_width, f, done, was_newton, c_prev):
         return tf.logical_not(tf.reduce_all(done))
 
     predicted_stop = PREDICTED_STOP
     x0 = secant_point(low, high, f_low, f_high) if initial is None else tf.stop_gradient(initial)
     infinite = tf.fill(tf.shape(y), tf.constant(float("inf"), dtype))
     not_yet = tf.zeros_like(y, tf.bool)
-    i, x, lo, hi, _, _, _, _, f, done, _ = tf.while_loop(
+    i, x, lo, hi, _, _, _, _, f, done, _, _ = tf.while_loop(
         cond,
         body,
         (tf.constant(0), x0, low, high, f_low, f_high, infinite, infinite,
-         tf.zeros_like(y), not_yet, not_yet),
+         tf.zeros_like(y), not_yet, not_yet, infinite),
         maximum_iterations=max_iterations,
     )
     return RootSearchResults(root=x, objective_at_root=f, num_iterations=i, converged=done)
