@@ -9,7 +9,10 @@ them), or a bisection when the bracket stopped halving. The search starts at
 the bracket's false-position point, which is nearly exact where `g` is close
 to linear (the transformers' tails), or at a caller's estimate (DSF's
 weighted mean of its units' roots), which saves evaluating `g` at the
-bracket's ends. Every element is solved at once, so the
+bracket's ends. It stops when the Newton step is below the tolerance, or
+when the error left by the last step, predicted from the last three by
+quadratic convergence, is below the float resolution (`PREDICTED_STOP`: no
+evaluation only to confirm convergence). Every element is solved at once, so the
 loop runs until the slowest element has converged or the iteration cap is
 reached; converged elements stay put.
 
