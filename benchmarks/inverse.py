@@ -16,7 +16,7 @@ XLA, next to TFP's MAF:
   (`root_finding.solve_increasing_with_params`); off: always, as
   `solve_increasing` does.
 * `predicted_stop`: the search stops after a Newton step whose remaining
-  error, predicted from the last two steps, is below `x`'s float resolution
+  error, predicted from the last three steps, is below `x`'s float resolution
   (`root_finding.PREDICTED_STOP`); off: one more evaluation confirms it.
 * `incremental`: the MADE's first-layer pre-activation is carried between
   passes (`conditioners.IncrementalHead`), and in a conditional flow the

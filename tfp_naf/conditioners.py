@@ -151,15 +151,7 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x, conditional_input=None):
-        forward = None
-        if conditional_input is not None and x.shape.rank == 2:
-            forward = _conditional_forward(self._made)
-        if forward is not None:  # See `call_conditioner`.
-            context = forward(x, tf.convert_to_tensor(conditional_input, dtype=x.dtype))
-        elif conditional_input is None:
-            context = self._made(x)
-        else:
-            context = self._made(x, conditional_input=conditional_input)
+        context = call_conditioner(self._made, x, conditional_input)
         return tf.einsum("...dc,cp->...dp", context, self._kernel) + self._bias
 
     @property
@@ -554,7 +546,7 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
         c = conditional_input
         pre = _affine(x, first, None if first_c is None else tf.matmul(c, first_c.kernel))
         # Each later hidden layer's condition term, with its bias: `c V_l + b_l`.
-        terms = tuple(_affine(c, c_dense) + (dense.bias if dense.use_bias else 0.0)
+        terms = tuple(tf.matmul(c, c_dense.kernel) + (dense.bias if dense.use_bias else 0.0)
                       for dense, c_dense in hidden if c_dense is not None)
         return pre, terms, c
 

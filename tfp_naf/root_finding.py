@@ -153,7 +153,7 @@ def find_root_increasing(
     tol = tf.constant(tolerance, dtype)
     eps = tf.constant(np.finfo(dtype.as_numpy_dtype).eps, dtype)
     # |g(x) - y| at this level is rounding noise: x is as good as g resolves.
-    noise = tf.constant(4.0 * np.finfo(dtype.as_numpy_dtype).eps, dtype) * (1.0 + tf.abs(y))
+    noise = 4.0 * eps * (1.0 + tf.abs(y))
     if initial is None:
         f_low = fn(low)[0] - y
         f_high = fn(high)[0] - y
@@ -190,12 +190,13 @@ def find_root_increasing(
         )
         x_new = tf.where(use_newton, newton, fallback)
         x_new = tf.where((tf.abs(f) <= noise) | done, x, x_new)
-        newton_done = tf.abs(newton_step) <= scale
         step = tf.abs(newton_step)
-        # The quadratic-convergence constant read off this step and the last.
-        c_now = tf.where(was_newton & use_newton,
-                         tf.math.divide_no_nan(step, tf.square(last_step)), infinite)
+        newton_done = step <= scale
+        c_now = infinite
         if predicted_stop:  # See PREDICTED_STOP.
+            # The quadratic-convergence constant read off this step and the last.
+            c_now = tf.where(was_newton & use_newton,
+                             tf.math.divide_no_nan(step, tf.square(last_step)), infinite)
             consistent = (c_now <= 4.0 * c_prev) & (c_prev <= 4.0 * c_now)
             predicted = c_now * tf.square(step)
             newton_done |= consistent & (predicted <= eps * (1.0 + tf.abs(x)))
