@@ -168,3 +168,32 @@ def test_held_shifts_leave_the_gradients_unchanged(kind, monkeypatch):
     for g_held, g_free in zip(held, free, strict=True):
         assert np.all(np.isfinite(g_held))
         np.testing.assert_allclose(g_held, g_free, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 30.0])
+def test_gradients_match_finite_differences(x_scale):
+    """Directional derivatives of a loss of `(y, log g')` along random directions of the
+    input, the parameters and the shared mixing logits (float64, held shifts included), near
+    0 and far out."""
+    _, params, mixing = _shared(13, layers=3, scale=1.5, seed=7)
+    x = x_scale * np.random.default_rng(8).normal(size=13)
+    rng = np.random.default_rng(9)
+    directions = [rng.normal(size=v.shape) for v in (x, params, mixing)]
+
+    def loss(x, params, mixing):
+        bij = SharedDenseSigmoidalFlow(params=params, mixing_logits=mixing, num_units=K,
+                                       num_layers=3)
+        y, log_deriv = bij.forward_and_log_derivative(x)
+        return tf.reduce_sum(tf.sin(y)) + tf.reduce_sum(tf.sin(log_deriv))
+
+    inputs = [tf.constant(v) for v in (x, params, mixing)]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        total = loss(*inputs)
+    grads = tape.gradient(total, inputs)
+    h = 1e-6
+    for i, (grad, direction) in enumerate(zip(grads, directions, strict=True)):
+        plus = [v + (h * direction if j == i else 0.0) for j, v in enumerate((x, params, mixing))]
+        minus = [v - (h * direction if j == i else 0.0) for j, v in enumerate((x, params, mixing))]
+        numeric = (loss(*plus) - loss(*minus)).numpy() / (2 * h)
+        np.testing.assert_allclose(np.sum(grad.numpy() * direction), numeric, rtol=1e-6)
