@@ -31,7 +31,7 @@ CHECKPOINTS = (3, 4, 6, 8, 12)
 
 
 def _train(name: str, steps: int, seed: int):
-    """`(to_noise, data)`: NAF-DSF trained on the standardised training rows of `name`."""
+    """`to_noise` of NAF-DSF trained on the standardised training rows of `name`."""
     data = quality.load(name, fast=False)["train"]
     data = ((data - data.mean(0)) / data.std(0)).astype(np.float32)
     tf.keras.utils.set_random_seed(seed)

@@ -147,7 +147,7 @@ def test_held_shifts_leave_the_gradients_unchanged(kind, monkeypatch):
     autodiff through them, for the input, the parameters and the shared mixing (float64)."""
     from tfp_naf import transformers
 
-    shared, params, mixing = _shared(11, layers=3, scale=2.0, seed=6)
+    _, params, mixing = _shared(11, layers=3, scale=2.0, seed=6)
     x = tf.constant(np.linspace(-9.0, 9.0, 11))
     params, mixing = tf.constant(params), tf.constant(mixing)
     if kind == "ddsf":
