@@ -31,7 +31,7 @@ Writes benchmarks/results/quality.json and quality.md (or quality_fast.*).
 test set: every task is scored on its validation rows at the best check;
 results go to select*.json / select*.md instead. `--output-init-scale`,
 `--initial-spread`, `--param-scale`, `--slopes`, `--group-scales`, `--min-slope`,
-`--base-rate` and `--activation` are the knobs studied so.
+`--base-rate`, `--activation` and `--hidden-bias-scale` are the knobs studied so.
 """
 
 from __future__ import annotations
@@ -391,6 +391,9 @@ def main(argv=None) -> "list[dict]":
                         help="diagnostic: the NAFs' base_rate, the learning-rate factor of "
                              "their unconditioned base parameters (library default "
                              f"{DEFAULT_BASE_RATE:g}; 0: none)")
+    parser.add_argument("--hidden-bias-scale", type=float, default=None,
+                        help="diagnostic: scale of the flow-built MADEs' initial hidden biases, "
+                             "U(-s, s) / sqrt(fan_in) (conditioners.HIDDEN_BIAS_SCALE)")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
@@ -423,6 +426,8 @@ def main(argv=None) -> "list[dict]":
         NAF_KWARGS["min_slope"] = args.min_slope
     if args.output_init_scale is not None:
         conditioners.OUTPUT_INIT_SCALE = args.output_init_scale
+    if args.hidden_bias_scale is not None:
+        conditioners.HIDDEN_BIAS_SCALE = args.hidden_bias_scale
     if args.param_scale is not None:
         _scale_pseudo_parameters(args.param_scale)
     names = [n for n in args.datasets.split(",") if n]

@@ -243,3 +243,63 @@ def test_conditional_flows_trace_without_graph_rewrite_errors(tmp_path):
     assert "traced" in result.stdout
     for message in ("remapper failed", "empty op name", "does not specify an operation"):
         assert message not in result.stderr, result.stderr[-2000:]
+
+
+def _hidden_and_output_denses(made):
+    import tf_keras
+
+    made = getattr(made, "made", made)
+    output = {id(d) for d in conditioners._output_denses(made._network)}
+    dense = [layer for layer in made._network.layers if isinstance(layer, tf_keras.layers.Dense)]
+    return ([d for d in dense if id(d) not in output and d.bias is not None],
+            [d for d in dense if id(d) in output])
+
+
+@pytest.mark.parametrize("conditional, context_units", [(False, None), (True, None),
+                                                        (False, 4)])
+def test_flow_built_mades_spread_their_hidden_biases(conditional, context_units, monkeypatch):
+    """With `HIDDEN_BIAS_SCALE > 0` the hidden biases are drawn within `scale / sqrt(fan_in)`,
+    so the first layer's ReLU kinks do not all sit at the origin; the output layer and the
+    conditional layers are left alone."""
+    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 1.0)
+    kwargs = dict(conditional_event_shape=[3]) if conditional else {}
+    naf = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[32, 32], num_units=4,
+                                   context_units=context_units, **kwargs)
+    hidden, output = _hidden_and_output_denses(naf.conditioner)
+    assert len(hidden) == 2
+    for layer in hidden:
+        bias = layer.bias.numpy()
+        bound = conditioners.HIDDEN_BIAS_SCALE / np.sqrt(layer.kernel.shape[0])
+        assert np.all(np.abs(bias) <= bound) and np.std(bias) > 0.2 * bound
+    # The units fed by x_1 (the only input seen) have their kinks spread out along it.
+    first = hidden[0]
+    w, b = first.kernel.numpy()[0], first.bias.numpy()
+    kinks = -b[w != 0] / w[w != 0]
+    assert np.std(kinks) > 0.1
+    if context_units is None:  # The output layer keeps its own scaled start.
+        bias = conditioners._biased_output_layer(output).bias.numpy()
+        assert np.all(np.isfinite(bias))
+
+
+def test_hidden_bias_scale_zero_keeps_keras_zeros(monkeypatch):
+    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 0.0)
+    naf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4)
+    hidden, _ = _hidden_and_output_denses(naf.conditioner)
+    assert hidden and all(np.all(layer.bias.numpy() == 0.0) for layer in hidden)
+
+
+def test_spread_hidden_biases_keeps_the_autoregressive_structure():
+    """theta_i depends on x only through x_<i after the biases are drawn (large scale)."""
+    made = tfp.bijectors.AutoregressiveNetwork(params=2, event_shape=[4], hidden_units=[16, 16])
+    made.build((None, 4))
+    conditioners.spread_hidden_biases(made, scale=5.0, seed=3)
+    x = tf.constant(np.random.default_rng(0).normal(size=[5, 4]), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        theta = made(x)
+    for i in range(4):
+        grad = tape.gradient(theta[:, i], x)
+        grad = np.zeros([5, 4]) if grad is None else grad.numpy()
+        assert np.all(grad[:, i:] == 0.0)
+    with pytest.raises(ValueError, match="scale"):
+        conditioners.spread_hidden_biases(made, scale=-1.0)

@@ -377,12 +377,14 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             made.build((None, event_shape[-1]))
             conditioners.match_dtype(made)
             conditioners.shrink_output_layer(made, offset=initial_params)
+            conditioners.spread_hidden_biases(made)
             return made
         net = conditioners.CompactAutoregressiveNetwork(
             params=num_params, context_units=context_units, initial_params=initial_params,
             **options
         )
         net.build((None, event_shape[-1]))
+        conditioners.spread_hidden_biases(net)
         return net
 
     @staticmethod
