@@ -303,6 +303,27 @@ def _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh
     return grad_x, grad_a_raw, grad_z, grad_w_logits
 
 
+def _with_closed_form_gradient(parts_fn, gradients_fn, *inputs):
+    """`(h, log_dh)` of `parts_fn(*inputs)`, differentiated by `gradients_fn` (custom gradient).
+
+    `parts_fn` returns `(h, log_dh, parts)`; `gradients_fn(parts, grad_h,
+    grad_log_dh)` returns one gradient per input, which is then summed over
+    the axes along which that input was broadcast.
+    """
+
+    @tf.custom_gradient
+    def layer(*inputs):
+        h, log_dh, parts = parts_fn(*inputs)
+
+        def grad(grad_h, grad_log_dh):
+            grads = gradients_fn(parts, grad_h, grad_log_dh)
+            return [_sum_to_shape(g, t) for g, t in zip(grads, inputs, strict=True)]
+
+        return (h, log_dh), grad
+
+    return layer(*inputs)
+
+
 def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
     """The first layer, fed by `x` itself: `[...] -> [..., n_out]`.
 
@@ -310,19 +331,10 @@ def _first_sigmoidal_layer(x, a_raw, b, w_logits, clip, min_slope):
     `_first_layer_gradients` (a `tf.custom_gradient`), which reuses the
     forward's intermediates and skips the stabilising ops' own gradients.
     """
-
-    @tf.custom_gradient
-    def layer(x, a_raw, b, w_logits):
-        h, log_dh, parts = _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope)
-
-        def grad(grad_h, grad_log_dh):
-            grads = _first_layer_gradients(x, a_raw, clip, min_slope, parts, grad_h, grad_log_dh)
-            return [_sum_to_shape(g, t) for g, t in zip(grads, (x, a_raw, b, w_logits),
-                                                        strict=True)]
-
-        return (h, log_dh), grad
-
-    return layer(x, a_raw, b, w_logits)
+    return _with_closed_form_gradient(
+        lambda x, a_raw, b, w_logits: _first_layer_parts(x, a_raw, b, w_logits, clip, min_slope),
+        lambda parts, gh, gl: _first_layer_gradients(x, a_raw, clip, min_slope, parts, gh, gl),
+        x, a_raw, b, w_logits)
 
 
 def _dense_sigmoidal_layer(h, log_dh, a_raw, b, w_logits, u_logits, clip, min_slope):
@@ -992,15 +1004,15 @@ def _shared_output(mix_sig, mix_sig_neg, mix_slope, norm, clip, tiny):
     return log_s - log_1ms, log_dh, parts
 
 
-def _mixture_gradients(grad_h, grad_log_dh, out, clip, tiny):
+def _mixture_gradients(grad_h, grad_log_dh, p, clip, tiny):
     """Upstream gradients of `_shared_output`'s four mixtures, stacked: `[..., 4, n_out]`.
 
     With `A = (1 - clip) / norm`: `d/d mix_sig = A (gh - gl) / s'`, `d/d mix_sig_neg
     = -A (gh + gl) / (1 - s')`, `d/d mix_slope = gl / mix_slope` and `d/d norm =
     -(mix_sig d_sig + mix_sig_neg d_sig_neg + gl) / norm`, each zero where its
-    floor at `tiny` was active (as autodiff through the `maximum`s).
+    floor at `tiny` was active (as autodiff through the `maximum`s). `p` is
+    `_shared_output`'s parts.
     """
-    p = out[2]
     if grad_h is None:
         grad_h = tf.zeros_like(p["s"])
     if grad_log_dh is None:
@@ -1037,7 +1049,7 @@ def _output_mixing_gradients(parts, grad_h, grad_log_dh, clip):
     """
     dtype = parts["sig"].dtype
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
-    grad_mix = _mixture_gradients(grad_h, grad_log_dh, parts["out"], clip, tiny)
+    grad_mix = _mixture_gradients(grad_h, grad_log_dh, parts["out"][2], clip, tiny)
     grad_stacked, grad_w_shared = _shared_mix_gradients(
         grad_mix, parts["stacked"], parts["big_e"])
     return tf.unstack(grad_stacked, axis=-2), grad_w_shared
@@ -1073,20 +1085,10 @@ def _shared_first_gradients(parts, grad_h, grad_log_dh, clip, min_slope):
 
 def _shared_first_layer(x, a_raw, b, w_offsets, w_shared, clip, min_slope):
     """`_shared_first_parts`' `(h, log_dh)`, with the closed-form gradient."""
-
-    @tf.custom_gradient
-    def layer(x, a_raw, b, w_offsets, w_shared):
-        h, log_dh, parts = _shared_first_parts(x, a_raw, b, w_offsets, w_shared, clip,
-                                               min_slope)
-
-        def grad(grad_h, grad_log_dh):
-            grads = _shared_first_gradients(parts, grad_h, grad_log_dh, clip, min_slope)
-            return [_sum_to_shape(g, t) for g, t in zip(
-                grads, (x, a_raw, b, w_offsets, w_shared), strict=True)]
-
-        return (h, log_dh), grad
-
-    return layer(x, a_raw, b, w_offsets, w_shared)
+    return _with_closed_form_gradient(
+        lambda *inputs: _shared_first_parts(*inputs, clip, min_slope),
+        lambda parts, gh, gl: _shared_first_gradients(parts, gh, gl, clip, min_slope),
+        x, a_raw, b, w_offsets, w_shared)
 
 
 def _shared_later_parts(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared, clip,
@@ -1194,19 +1196,10 @@ def _shared_later_gradients(parts, grad_h, grad_log_dh, clip, min_slope):
 def _shared_later_layer(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared, clip,
                         min_slope):
     """`_shared_later_parts`' `(h', log_dh')`, with the closed-form gradient."""
-
-    @tf.custom_gradient
-    def layer(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared):
-        inputs = (h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared)
-        h_out, log_dh_out, parts = _shared_later_parts(*inputs, clip, min_slope)
-
-        def grad(grad_h, grad_log_dh):
-            grads = _shared_later_gradients(parts, grad_h, grad_log_dh, clip, min_slope)
-            return [_sum_to_shape(g, t) for g, t in zip(grads, inputs, strict=True)]
-
-        return (h_out, log_dh_out), grad
-
-    return layer(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared)
+    return _with_closed_form_gradient(
+        lambda *inputs: _shared_later_parts(*inputs, clip, min_slope),
+        lambda parts, gh, gl: _shared_later_gradients(parts, gh, gl, clip, min_slope),
+        h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_shared)
 
 
 class SharedDenseSigmoidalFlow(DeepDenseSigmoidalFlow):
