@@ -186,8 +186,10 @@ def test_round_trips(variant, dtype, tol):
     # x is determined to z's float resolution divided by g' (far from 1e-4 in
     # float32 where a transformer is nearly flat), so check that z comes back
     # and x as far as that conditioning allows.
+    # z's resolution: the forward's own rounding, a few ulps from its layers'
+    # logits, logs and mixtures (measured up to ~4 ulps in float64).
     eps = np.finfo(x.dtype).eps
-    z_resolution = 4.0 * eps * (1.0 + np.abs(z.numpy()))
+    z_resolution = 8.0 * eps * (1.0 + np.abs(z.numpy()))
     z_back = naf.forward(tf.identity(x_back), **kwargs).numpy()
     assert np.all(np.abs(z_back - z.numpy()) <= z_resolution)
     theta = naf.transformer_params(x, **kwargs)
