@@ -186,23 +186,54 @@ def test_call_conditioner_equals_the_made_in_values_and_gradients(conditional_la
     made = _conditional_made(conditional_layers, hidden_units)
     x = tf.random.normal([5, D], dtype=tf.float64)
     c = tf.random.normal([5, 2], dtype=tf.float64)
-    assert conditioners._conditional_forward(made) is not None
+    assert conditioners._made_forward(made) is not None
+    offset = tf.random.normal([D, 3], dtype=tf.float64)
     with tf.GradientTape(persistent=True) as tape:
-        tape.watch([x, c])
+        tape.watch([x, c, offset])
         ours = conditioners.call_conditioner(made, x, c)
         theirs = made(x, conditional_input=c)
-        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
+        ours_offset = conditioners.call_conditioner(made, x, c, offset=offset)
+        ours_loss, theirs_loss, offset_loss = (
+            tf.reduce_sum(tf.sin(t)) for t in (ours, theirs, ours_offset))
+        theirs_offset_loss = tf.reduce_sum(tf.sin(theirs + offset))
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ours_offset, theirs + offset, rtol=1e-12, atol=1e-12)
     for t in [x, c, *made.trainable_variables]:
         np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
                                    rtol=1e-10, atol=1e-12)
+    for t in [x, c, offset, *made.trainable_variables]:
+        np.testing.assert_allclose(tape.gradient(offset_loss, t),
+                                   tape.gradient(theirs_offset_loss, t), rtol=1e-10, atol=1e-12)
     # A condition broadcast against the batch, as the MADE itself allows.
     np.testing.assert_allclose(conditioners.call_conditioner(made, x, c[:1]),
                                made(x, conditional_input=c[:1]), rtol=1e-12, atol=1e-12)
     # Unconditional calls and unbuilt MADEs go to the conditioner itself.
     unbuilt = tfb.AutoregressiveNetwork(params=3, event_shape=[D], conditional=True,
                                         conditional_event_shape=[2], hidden_units=[4])
-    assert conditioners._conditional_forward(unbuilt) is None
+    assert conditioners._made_forward(unbuilt) is None
+
+
+@pytest.mark.parametrize("hidden_units", [(8, 6), ()])
+def test_offset_joins_the_output_bias_of_an_unconditional_made(hidden_units):
+    # The flow's base parameters go into the MADE's output bias: the same values
+    # and gradients as adding them to its output, for the MADE and the offset.
+    made = tfb.AutoregressiveNetwork(params=3, event_shape=[D], hidden_units=list(hidden_units),
+                                     activation="relu", input_order="random",
+                                     bias_initializer="glorot_uniform", dtype=tf.float64)
+    made.build((None, D))
+    conditioners.match_dtype(made)
+    x = tf.random.normal([5, D], dtype=tf.float64)
+    offset = tf.random.normal([D, 3], dtype=tf.float64)
+    assert conditioners._made_forward(made) is not None
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, offset])
+        ours = conditioners.call_conditioner(made, x, offset=offset)
+        theirs = made(x) + offset
+        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for t in [x, offset, *made.trainable_variables]:
+        np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_conditional_flows_trace_without_graph_rewrite_errors(tmp_path):

@@ -514,35 +514,40 @@ def _made_layers(made: tfb.AutoregressiveNetwork):
     return blocks[::-1], activations[::-1]
 
 
-def _affine(h, dense, term=None):
-    """`dense(h)`, plus a conditional layer's `term = c @ V` folded into the bias first.
+def _affine(h, dense, term=None, offset=None):
+    """`dense(h)`, plus a conditional layer's `term = c @ V` and an `offset`, folded into the bias.
 
     `h @ K + (b + term)` rather than `(h @ K + b) + term`, which is what a
     conditional `tfb.AutoregressiveNetwork` computes (a Dense layer, then an
     Add layer): TensorFlow's oneDNN graph rewrite ("remapper") fails on the
     pattern `MatMul, BiasAdd, Add, Relu`, logs errors ("Op type not
     registered ''", "has an empty op name") and leaves the whole
-    `tf.function` without its graph optimisations.
+    `tf.function` without its graph optimisations. An `offset` (`[units]`,
+    shared by every row) joins the bias, so `h @ K + (b + offset)` stays one
+    fused matmul and bias addition, and its gradient one reduction over rows.
     """
     out = tf.matmul(h, dense.kernel)
+    bias = dense.bias if dense.use_bias else None
+    if offset is not None:
+        bias = offset if bias is None else bias + offset
     if term is not None:
-        return out + (term + dense.bias if dense.use_bias else term)
-    return tf.nn.bias_add(out, dense.bias) if dense.use_bias else out
+        return out + (term if bias is None else term + bias)
+    return out if bias is None else tf.nn.bias_add(out, bias)
 
 
-_CONDITIONAL_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MADE_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _conditional_forward(made) -> "Callable | None":
-    """`(x [N, D], c [N, C]) -> [N, D, P]` of a built conditional MADE, or None.
+def _made_forward(made) -> "Callable | None":
+    """`(x [N, D], c [N, C] or None, offset [D, P] or None) -> [N, D, P]` of a built MADE, or None.
 
-    The MADE's own arithmetic, layer by layer through `_affine`. None for an
-    unconditional or unbuilt MADE, or another layout. Cached per MADE.
+    The MADE's own arithmetic, layer by layer through `_affine`, with `offset`
+    added to every row's outputs inside the output layer's bias. None for an
+    unbuilt MADE or another layout. Cached per MADE.
     """
-    if made in _CONDITIONAL_FORWARDS:
-        return _CONDITIONAL_FORWARDS[made]
-    if (type(made) is not tfb.AutoregressiveNetwork or not getattr(made, "_conditional", False)
-            or not made.built):
+    if made in _MADE_FORWARDS:
+        return _MADE_FORWARDS[made]
+    if type(made) is not tfb.AutoregressiveNetwork or not made.built:
         return None
     try:
         layout = _made_layers(made)
@@ -552,32 +557,41 @@ def _conditional_forward(made) -> "Callable | None":
         return None
     blocks, activations = layout
     shape = [-1, int(made._event_size), int(made._params)]
+    last = len(blocks) - 1
 
-    def forward(x, c):
+    def forward(x, c=None, offset=None):
         h = x
         for i, (dense, c_dense) in enumerate(blocks):
-            h = _affine(h, dense, None if c_dense is None else tf.matmul(c, c_dense.kernel))
+            term = None if c_dense is None else tf.matmul(c, c_dense.kernel)
+            flat = tf.reshape(offset, [-1]) if i == last and offset is not None else None
+            h = _affine(h, dense, term, flat)
             if i < len(activations):
                 h = activations[i](h)
         return tf.reshape(h, shape)
 
-    _CONDITIONAL_FORWARDS[made] = forward
+    _MADE_FORWARDS[made] = forward
     return forward
 
 
-def call_conditioner(conditioner, x, conditional_input=None):
-    """`conditioner(x, conditional_input=c)`, for `x` `[N, D]` and `c` `[N, C]`.
+def call_conditioner(conditioner, x, conditional_input=None, offset=None):
+    """`conditioner(x, conditional_input=c) + offset`; `x` `[N, D]`, `c` `[N, C]`, offset `[D, P]`.
 
-    A built conditional `tfb.AutoregressiveNetwork` is evaluated through
-    `_conditional_forward`: the same values and gradients, without the
-    graph-rewrite failure described in `_affine`. Anything else is called.
+    A built `tfb.AutoregressiveNetwork` is evaluated through `_made_forward`
+    when it is conditional or given an offset: the same values and gradients,
+    without the graph-rewrite failure described in `_affine`, and with the
+    offset (the flow's base parameters) inside the output layer's bias instead
+    of one more addition of the whole `[N, D, P]` output. Anything else is called.
     """
+    forward = _made_forward(conditioner) if x.shape.rank == 2 else None
+    if forward is not None and (conditional_input is not None or offset is not None):
+        c = (None if conditional_input is None
+             else tf.convert_to_tensor(conditional_input, dtype=x.dtype))
+        return forward(x, c, offset)
     if conditional_input is None:
-        return conditioner(x)
-    forward = _conditional_forward(conditioner) if x.shape.rank == 2 else None
-    if forward is None:
-        return conditioner(x, conditional_input=conditional_input)
-    return forward(x, tf.convert_to_tensor(conditional_input, dtype=x.dtype))
+        theta = conditioner(x)
+    else:
+        theta = conditioner(x, conditional_input=conditional_input)
+    return theta if offset is None else theta + offset
 
 
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":

@@ -555,14 +555,13 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
 
     def _theta(self, x, ckwargs):
         """`theta = conditioner(x, c) + r * beta`, `[..., D, P]`, for any batch shape."""
+        base = self._base(x.dtype)
         if x.shape.rank == 2 and "conditional_input" not in ckwargs:
-            theta = self._conditioner(x, **ckwargs)
-        else:
-            flat_x, flat_ckwargs, batch = self._flat_batch(x, ckwargs)
-            theta = conditioners.call_conditioner(self._conditioner, flat_x, **flat_ckwargs)
-            theta = tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
-        base = self._base(theta.dtype)
-        return theta if base is None else theta + base
+            return conditioners.call_conditioner(self._conditioner, x, offset=base)
+        flat_x, flat_ckwargs, batch = self._flat_batch(x, ckwargs)
+        theta = conditioners.call_conditioner(self._conditioner, flat_x, offset=base,
+                                              **flat_ckwargs)
+        return tf.reshape(theta, ps.concat([batch, ps.shape(theta)[-2:]], axis=0))
 
     def transformer_params(self, x, conditional_input=None) -> tf.Tensor:
         """The transformers' pseudo-parameters at `x`: `theta`, `[..., D, P]`.
