@@ -236,6 +236,24 @@ def test_offset_joins_the_output_bias_of_an_unconditional_made(hidden_units):
                                    rtol=1e-10, atol=1e-12)
 
 
+def test_offset_joins_the_bias_of_the_compact_head():
+    net = conditioners.CompactAutoregressiveNetwork(
+        params=3, context_units=2, event_shape=[D], hidden_units=[8], activation="relu",
+        dtype=tf.float64)
+    net.build((None, D))
+    x = tf.random.normal([5, D], dtype=tf.float64)
+    offset = tf.random.normal([D, 3], dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, offset])
+        ours = conditioners.call_conditioner(net, x, offset=offset)
+        theirs = net(x) + offset
+        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for t in [x, offset, *net.trainable_variables]:
+        np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
+                                   rtol=1e-10, atol=1e-12)
+
+
 def test_conditional_flows_trace_without_graph_rewrite_errors(tmp_path):
     # TensorFlow's oneDNN graph rewrite fails on `MatMul, BiasAdd, Add, Relu`
     # (a conditional MADE's own layer pattern): it logs errors and leaves the

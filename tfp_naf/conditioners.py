@@ -162,7 +162,8 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
             self._bias.assign_add(offset.astype(self._bias.dtype.as_numpy_dtype))
         super().build(input_shape)
 
-    def call(self, x, conditional_input=None):
+    def call(self, x, conditional_input=None, offset=None):
+        """`[N, D]` -> `[N, D, P]`; an `offset` (`[D, P]`: base parameters) joins the bias."""
         context = call_conditioner(self._made, x, conditional_input)
         # One [rows, C] x [C, P] matmul: faster than the equivalent einsum, whose
         # gradient XLA lowered to slower contractions (5 heads' forward+backward at
@@ -170,7 +171,7 @@ class CompactAutoregressiveNetwork(tf_keras.layers.Layer):
         flat = tf.reshape(context, [-1, self._context_units])
         out = tf.reshape(tf.matmul(flat, self._kernel),
                          ps.concat([ps.shape(context)[:-1], [self._params]], axis=0))
-        return out + self._bias
+        return out + (self._bias if offset is None else self._bias + offset)
 
     @property
     def params(self) -> int:
@@ -580,8 +581,12 @@ def call_conditioner(conditioner, x, conditional_input=None, offset=None):
     when it is conditional or given an offset: the same values and gradients,
     without the graph-rewrite failure described in `_affine`, and with the
     offset (the flow's base parameters) inside the output layer's bias instead
-    of one more addition of the whole `[N, D, P]` output. Anything else is called.
+    of one more addition of the whole `[N, D, P]` output; a
+    `CompactAutoregressiveNetwork` adds it to its own `[D, P]` bias. Anything
+    else is called.
     """
+    if isinstance(conditioner, CompactAutoregressiveNetwork) and offset is not None:
+        return conditioner(x, conditional_input=conditional_input, offset=offset)
     forward = _made_forward(conditioner) if x.shape.rank == 2 else None
     if forward is not None and (conditional_input is not None or offset is not None):
         c = (None if conditional_input is None
