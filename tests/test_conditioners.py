@@ -213,6 +213,21 @@ def test_call_conditioner_equals_the_made_in_values_and_gradients(conditional_la
     assert conditioners._made_forward(unbuilt) is None
 
 
+def _assert_offset_is_added(conditioner):
+    """`call_conditioner(..., offset=o)` equals `conditioner(x) + o` in values and gradients."""
+    x = tf.random.normal([5, D], dtype=tf.float64)
+    offset = tf.random.normal([D, 3], dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, offset])
+        ours = conditioners.call_conditioner(conditioner, x, offset=offset)
+        theirs = conditioner(x) + offset
+        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for t in [x, offset, *conditioner.trainable_variables]:
+        np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
+                                   rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("hidden_units", [(8, 6), ()])
 def test_offset_joins_the_output_bias_of_an_unconditional_made(hidden_units):
     # The flow's base parameters go into the MADE's output bias: the same values
@@ -222,18 +237,8 @@ def test_offset_joins_the_output_bias_of_an_unconditional_made(hidden_units):
                                      bias_initializer="glorot_uniform", dtype=tf.float64)
     made.build((None, D))
     conditioners.match_dtype(made)
-    x = tf.random.normal([5, D], dtype=tf.float64)
-    offset = tf.random.normal([D, 3], dtype=tf.float64)
     assert conditioners._made_forward(made) is not None
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([x, offset])
-        ours = conditioners.call_conditioner(made, x, offset=offset)
-        theirs = made(x) + offset
-        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
-    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
-    for t in [x, offset, *made.trainable_variables]:
-        np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
-                                   rtol=1e-10, atol=1e-12)
+    _assert_offset_is_added(made)
 
 
 def test_offset_joins_the_bias_of_the_compact_head():
@@ -241,17 +246,7 @@ def test_offset_joins_the_bias_of_the_compact_head():
         params=3, context_units=2, event_shape=[D], hidden_units=[8], activation="relu",
         dtype=tf.float64)
     net.build((None, D))
-    x = tf.random.normal([5, D], dtype=tf.float64)
-    offset = tf.random.normal([D, 3], dtype=tf.float64)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([x, offset])
-        ours = conditioners.call_conditioner(net, x, offset=offset)
-        theirs = net(x) + offset
-        ours_loss, theirs_loss = (tf.reduce_sum(tf.sin(t)) for t in (ours, theirs))
-    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
-    for t in [x, offset, *net.trainable_variables]:
-        np.testing.assert_allclose(tape.gradient(ours_loss, t), tape.gradient(theirs_loss, t),
-                                   rtol=1e-10, atol=1e-12)
+    _assert_offset_is_added(net)
 
 
 def test_conditional_flows_trace_without_graph_rewrite_errors(tmp_path):
