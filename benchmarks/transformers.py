@@ -36,12 +36,14 @@ from tfp_naf.transformers import SharedDenseSigmoidalFlow
 B, D, K = 256, 43, 16
 ROUNDS = 30
 
-# Transcendental evaluations per unit of one DSF layer (see
+# Transcendental evaluations per unit that one DSF layer needs at least (see
 # `transformers._first_layer_parts` and `_first_layer_gradients`): forward,
 # softplus of the slope (exp, log1p), softmax of the mixing logits (exp), the
-# sigmoid pair from exp(-|z|) (exp, reciprocal); backward, softplus' =
+# sigmoid pair from one exp(-|z|) (exp, reciprocal); backward, softplus' =
 # sigmoid (exp, reciprocal). Per-row terms (log s', log(1 - s'), ...) are
-# K times rarer and not counted.
+# K times rarer and not counted. The layer itself evaluates two sigmoids and
+# exp(m - |z|) for the pair (fewer passes over memory, which cost more here),
+# so the floor is what the pass would cost with the fewest evaluations.
 TRANSCENDENTALS = {
     "forward": {"exp": 3, "log1p": 1, "reciprocal": 1},
     "forward+backward": {"exp": 4, "log1p": 1, "reciprocal": 2},
