@@ -186,11 +186,16 @@ def _squash(w, sig, sig_neg, clip, scale=None):
     (`[..., m]`), the weights are `w * scale`: unnormalised softmax weights
     and their normaliser (`_softmax_parts`).
     """
-    dtype = sig.dtype
+    return _clipped(_mix(w, sig), _mix(w, sig_neg), clip, scale)
+
+
+def _clipped(mix_sig, mix_sig_neg, clip, scale=None):
+    """`(s', 1 - s')` from the mixtures `w . sigmoid(z)` and `w . sigmoid(-z)` (see `_squash`)."""
+    dtype = mix_sig.dtype
     keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
     if scale is not None:
         keep = keep * scale
-    return keep * _mix(w, sig) + half_clip, keep * _mix(w, sig_neg) + half_clip
+    return keep * mix_sig + half_clip, keep * mix_sig_neg + half_clip
 
 
 def _log_mix(weights: tf.Tensor, log_v: tf.Tensor) -> tf.Tensor:
@@ -260,11 +265,9 @@ def _first_layer_at(x, a, b, ew, inv_norm, clip):
     z = a * x[..., tf.newaxis] + b
     sig, sig_neg, m, q = _scaled_sigmoid_derivative(z)
     t = a * q
-    # s' and 1 - s' (see `_squash`), keeping the raw mixtures for the gradient.
+    # s' and 1 - s' (as `_squash`), keeping the raw mixtures for the gradient.
     mix_sig, mix_sig_neg = _mix(ew, sig), _mix(ew, sig_neg)
-    keep = tf.constant(1.0 - clip, dtype) * inv_norm
-    half_clip = tf.constant(clip / 2.0, dtype)
-    s, s_neg = keep * mix_sig + half_clip, keep * mix_sig_neg + half_clip
+    s, s_neg = _clipped(mix_sig, mix_sig_neg, clip, scale=inv_norm)
     slope_sum = _mix(ew, t) * inv_norm
     log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
@@ -1027,9 +1030,7 @@ def _shared_output(mix_sig, mix_sig_neg, mix_slope, norm, clip, tiny):
     """
     dtype = mix_sig.dtype
     inv_norm = tf.math.reciprocal(tf.maximum(norm, tiny))
-    keep, half_clip = tf.constant(1.0 - clip, dtype), tf.constant(clip / 2.0, dtype)
-    s = keep * mix_sig * inv_norm + half_clip
-    s_neg = keep * mix_sig_neg * inv_norm + half_clip
+    s, s_neg = _clipped(mix_sig, mix_sig_neg, clip, scale=inv_norm)
     log_s, log_1ms = tf.math.log(s), tf.math.log(s_neg)
     slope = mix_slope * inv_norm
     log_dh = (tf.constant(np.log1p(-clip), dtype) - log_s - log_1ms
