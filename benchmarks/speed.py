@@ -7,7 +7,10 @@ a batch of 4,096, a training step on 512, drawing 512 samples. Each
 operation runs in `tf.function` and with `jit_compile=True`; timings are
 medians of 9 rounds in which every operation and reference runs once in
 turn (round-robin, so load drift on a shared machine hits all alike), after
-warm-up (compilation excluded).
+warm-up (compilation excluded). Each ratio is of the two medians; the report
+also gives the quartiles of the per-round ratios (an operation and its
+reference timed seconds apart, so they share the load of the moment), a
+measure of how far this host's noise moves the ratio.
 
 References: (a) the flow's own 5 conditioners: their forwards (floor of
 log_prob), forward+backward (floor of a training step), and D sequential
@@ -141,8 +144,8 @@ def _block(result) -> None:
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
 
 
-def round_robin_seconds(calls: dict, rounds: int) -> dict:
-    """Median seconds of each zero-argument call, the calls timed in turn, round after round.
+def round_robin_times(calls: dict, rounds: int) -> dict:
+    """Seconds of each zero-argument call in every round, the calls timed in turn.
 
     On a shared machine the load drifts; interleaving makes every call see the
     same drift, so their ratios are steadier than timings taken one call after
@@ -154,15 +157,27 @@ def round_robin_seconds(calls: dict, rounds: int) -> dict:
             t0 = time.perf_counter()
             _block(call())
             times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
 
 
-def _time_round_robin(cases: dict, jit: bool, rounds: int) -> dict:
-    """`round_robin_seconds` of the cases compiled, after two warm-up calls each.
+def round_robin_seconds(calls: dict, rounds: int) -> dict:
+    """Median seconds of each call over `round_robin_times`'s rounds."""
+    return {name: float(np.median(t)) for name, t in round_robin_times(calls, rounds).items()}
 
-    A case XLA rejects is reported and timed as None.
+
+def per_round_ratios(times: dict, op: str, ref: str) -> "list[float] | None":
+    """`op`'s time over `ref`'s in each round: timed seconds apart, they share the load."""
+    if times.get(op) is None or times.get(ref) is None:
+        return None
+    return [a / b for a, b in zip(times[op], times[ref], strict=True)]
+
+
+def _time_round_robin(cases: dict, jit: bool, rounds: int) -> "tuple[dict, dict]":
+    """`(medians, times)`: `round_robin_times` of the cases compiled, after two warm-up calls.
+
+    A case XLA rejects is reported, with None as its median and its times.
     """
-    calls, seconds = {}, {}
+    calls, seconds, times = {}, {}, {}
     for name, (fn, arg) in cases.items():
         call = functools.partial(tf.function(fn, jit_compile=jit), arg)
         try:
@@ -171,11 +186,12 @@ def _time_round_robin(cases: dict, jit: bool, rounds: int) -> dict:
         except Exception as err:  # Report an XLA failure rather than hide it.
             print(f"  {'jit_compile' if jit else 'tf.function'} {name}: failed "
                   f"({type(err).__name__})")
-            seconds[name] = None
+            seconds[name] = times[name] = None
             continue
         calls[name] = call
-    seconds.update(round_robin_seconds(calls, rounds))
-    return seconds
+    times.update(round_robin_times(calls, rounds))
+    seconds.update({name: float(np.median(times[name])) for name in calls})
+    return seconds, times
 
 
 def _inverse_stats(to_noise, x) -> dict:
@@ -272,7 +288,7 @@ def ddsf_comparison(fast: bool) -> dict:
             ops, *_ = _operations(model, batch=DDSF_BATCH, log_prob_batch=8,
                                   event_size=event_size)
             cases[model] = ops["train_step"]
-        out[event_size] = {mode: _time_round_robin(cases, jit, repeats)
+        out[event_size] = {mode: _time_round_robin(cases, jit, repeats)[0]
                            for mode, jit in (("tf.function", False), ("jit_compile", True))}
     return out
 
@@ -307,14 +323,17 @@ def run(variants, fast: bool, memory: bool, ddsf: bool = True) -> dict:
         entry = {"inverse": _inverse_stats(to_noise, x), "modes": {}}
         for mode, jit in (("tf.function", False), ("jit_compile", True)):
             cases = {**ops, **refs, **{f"maf_{k}": v for k, v in maf_ops.items()}}
-            seconds = _time_round_robin(cases, jit, repeats)
+            seconds, times = _time_round_robin(cases, jit, repeats)
             checks = []
             for op, ref, bound in TARGETS:
-                if seconds.get(op) is None or seconds.get(ref) is None:
+                rounds = per_round_ratios(times, op, ref)
+                if rounds is None:
                     checks.append(dict(op=op, ref=ref, bound=bound, ratio=None, ok=False))
                     continue
                 ratio = seconds[op] / seconds[ref]
-                checks.append(dict(op=op, ref=ref, bound=bound, ratio=ratio, ok=ratio <= bound))
+                q1, q3 = np.percentile(rounds, [25, 75])
+                checks.append(dict(op=op, ref=ref, bound=bound, ratio=ratio, ok=ratio <= bound,
+                                   round_ratio_quartiles=[float(q1), float(q3)]))
             entry["modes"][mode] = dict(seconds=seconds, checks=checks)
         if memory:
             entry["memory_mib"] = {
@@ -340,6 +359,8 @@ def markdown(report: dict) -> str:
                      f"{inv['round_trip_x']:.2e} "
                      f"({'PASS' if inv['round_trip_x'] <= ROUND_TRIP_BOUND else 'MISS'} "
                      f"<= {ROUND_TRIP_BOUND:g}), max|z - z'| {inv['round_trip_z']:.2e}\n")
+        lines.append("Ratios of medians; in brackets the quartiles of the per-round ratios "
+                     "(each round times an operation and its reference seconds apart).\n")
         lines.append("| ratio | target | tf.function | jit_compile |")
         lines.append("|---|---|---|---|")
         modes = entry["modes"]
@@ -347,8 +368,11 @@ def markdown(report: dict) -> str:
             cells = []
             for mode in ("tf.function", "jit_compile"):
                 c = modes[mode]["checks"][k]
+                spread = c.get("round_ratio_quartiles")
                 cells.append("failed" if c["ratio"] is None else
-                             f"{c['ratio']:.2f} {'PASS' if c['ok'] else 'MISS'}")
+                             f"{c['ratio']:.2f} {'PASS' if c['ok'] else 'MISS'}" + (
+                                 "" if spread is None else
+                                 f" ({spread[0]:.2f}-{spread[1]:.2f})"))
             lines.append(f"| {op} / {ref} | <= {bound:g} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("| operation | tf.function (ms) | jit_compile (ms) |")
