@@ -18,10 +18,12 @@ XLA, next to TFP's MAF:
 * `predicted_stop`: the search stops after a Newton step whose remaining
   error, predicted from the last three steps, is below `x`'s float resolution
   (`root_finding.PREDICTED_STOP`); off: one more evaluation confirms it.
-* `incremental`: the MADE's first-layer pre-activation is carried between
-  passes (`conditioners.IncrementalHead`), and in a conditional flow the
-  hidden layers' terms in the condition `c` are computed once per inverse;
-  off: `dimension_head`, which recomputes them at every pass.
+* `incremental`: the MADE's first-layer pre-activation and its later hidden
+  layers' activations are carried between passes, each later hidden unit
+  computed once, when its inputs are solved (`conditioners.IncrementalHead`);
+  in a conditional flow the hidden layers' terms in the condition `c` are
+  computed once per inverse; off: `dimension_head`, which recomputes them at
+  every pass.
 
 With `--conditional C` the flow is conditional, `p(x | c)` with `c` of size
 `C` (one condition per sample, as when drawing from an amortised posterior

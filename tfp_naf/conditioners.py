@@ -429,18 +429,21 @@ def _cached_head(cache, conditioner, made_head, compact_head):
 
 
 class IncrementalHead(NamedTuple):
-    """One dimension's parameters per pass of the inverse, the first layer updated in place.
+    """One dimension's parameters per pass of the inverse, the MADE's state carried between passes.
 
     Pass `k` of the inverse changes one input, `x_d`, from 0 to its solution,
     so the first layer's pre-activation `x @ W1 + b1` changes by
     `x_d * W1[d]`: the state carries it between passes instead of recomputing
-    the `[N, D] x [D, H1]` product every time. The layers after it run at every
-    pass, and the output layer only for dimension `d`'s `P` outputs. In a
-    conditional MADE the conditional input's terms `c @ V_l` do not change
-    between passes: the first layer's is folded into the carried
-    pre-activation and the other hidden layers' are carried alongside, so `c`
-    is multiplied by each hidden layer's `V_l` once per inverse instead of
-    once per pass.
+    the `[N, D] x [D, H1]` product every time. It also carries the later
+    hidden layers' activations, each unit computed once, at the pass after
+    which every input it depends on is solved (from the few kernel columns of
+    the units that became ready, instead of the whole `[N, H] x [H, H]`
+    product at every pass), and the output layer runs only for dimension
+    `d`'s `P` outputs. In a conditional MADE the conditional input's terms
+    `c @ V_l` do not change between passes: the first layer's is folded into
+    the carried pre-activation and the other hidden layers' are carried
+    alongside, so `c` is multiplied by each hidden layer's `V_l` once per
+    inverse instead of once per pass.
     """
 
     start: Callable
@@ -599,8 +602,54 @@ def call_conditioner(conditioner, x, conditional_input=None, offset=None):
     return theta if offset is None else theta + offset
 
 
+def _ready_passes(made, blocks) -> "list[np.ndarray] | None":
+    """Per hidden layer after the first, each unit's ready pass, or None if unknown.
+
+    A MADE unit depends on the inputs its masks connect it to, through the
+    layers before it. Unit `j` of a hidden layer is *ready* once every input
+    it depends on is solved: after the input of degree `ready[j]` (0 for a
+    unit that depends on no input). Read from the MADE's masks and input
+    degrees; None when they are not there or do not match the layers.
+    """
+    masks, degrees = getattr(made, "_masks", None), _degrees(made)
+    if masks is None or degrees is None or len(masks) != len(blocks):
+        return None
+    ready = np.asarray(degrees, np.int64)
+    out = []
+    for i, (mask, (dense, _)) in enumerate(zip(masks[:-1], blocks[:-1], strict=True)):
+        mask = np.asarray(mask, bool)
+        if mask.shape != tuple(dense.kernel.shape):
+            return None
+        ready = np.max(np.where(mask, ready[:, np.newaxis], 0), axis=0, initial=0)
+        if i > 0:
+            out.append(ready)
+    return out
+
+
+def _units_by_dimension(ready, degrees) -> np.ndarray:
+    """`[D, m]`: the units that become ready once dimension `d` is solved, padded with `H`.
+
+    Dimension `d` is solved as the `degrees[d]`-th input, so its units are
+    those with `ready == degrees[d]`; `m` is the largest such set, and the
+    padding `H` (the layer's width) marks an empty slot.
+    """
+    width = len(ready)
+    sets = [np.flatnonzero(ready == degree) for degree in degrees]
+    m = max(1, max(len(u) for u in sets))
+    return np.stack([np.pad(u, (0, m - len(u)), constant_values=width) for u in sets])
+
+
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
-    """The `IncrementalHead` of a MADE laid out as in `_made_layers`, with hidden layers."""
+    """The `IncrementalHead` of a MADE laid out as in `_made_layers`, with hidden layers.
+
+    The state also carries every later hidden layer's activations, each unit
+    computed once, at the pass where it becomes ready (`_ready_passes`): the
+    inputs a unit depends on do not change after they are solved, and the
+    units not yet ready meet the next outputs only through masked (zero)
+    weights. So a pass multiplies the previous layer by the few kernel columns
+    of the units that became ready, not by the whole kernel: with hidden
+    layers `[H, H]` and `D` inputs, about `H / D` columns instead of `H`.
+    """
     layout = _made_layers(made)
     if layout is None or len(layout[0]) < 2:
         return None
@@ -608,10 +657,28 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
     (first, first_c), hidden, (out, out_c) = blocks[0], blocks[1:-1], blocks[-1]
     conditional = any(c_dense is not None for _, c_dense in blocks)
     event_size, num_params = int(made._event_size), int(made._params)
+    ready = _ready_passes(made, blocks) if hidden else []
+    if ready is None:
+        return None
+    degrees = _degrees(made)
+    # NumPy, made a tensor at each call: the head is cached across graphs.
+    units = [_units_by_dimension(r, degrees).astype(np.int32) for r in ready]
+
+    def hidden_layers(pre, terms):
+        """Every later hidden layer's activations from the first's pre-activation."""
+        terms, hs, h = iter(terms), [], pre
+        for activation, (dense, c_dense) in zip(activations[:-1], hidden, strict=True):
+            if c_dense is None:
+                h = _affine(activation(h), dense)
+            else:
+                h = tf.matmul(activation(h), dense.kernel) + next(terms)
+            hs.append(h)
+        return [activations[i + 1](h) for i, h in enumerate(hs)]
 
     def start(x, conditional_input=None):
         if not conditional:
-            return first(x)
+            pre = first(x)
+            return pre, tuple(hidden_layers(pre, ()))
         if conditional_input is None:
             raise ValueError("This conditioner is conditional: give `conditional_input`.")
         c = conditional_input
@@ -619,24 +686,35 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
         # Each later hidden layer's condition term, with its bias: `c V_l + b_l`.
         terms = tuple(tf.matmul(c, c_dense.kernel) + (dense.bias if dense.use_bias else 0.0)
                       for dense, c_dense in hidden if c_dense is not None)
-        return pre, terms, c
+        return pre, tuple(hidden_layers(pre, terms)), terms, c
 
     def params(state, d):
-        pre, terms, c = state if conditional else (state, (), None)
-        terms = iter(terms)
-        h = pre
-        for activation, (dense, c_dense) in zip(activations[:-1], hidden, strict=True):
-            if c_dense is None:
-                h = _affine(activation(h), dense)
-            else:
-                h = tf.matmul(activation(h), dense.kernel) + next(terms)
-        theta = _dimension_outputs(activations[-1](h), out, d, event_size, num_params)
+        pre, hs = state[:2]
+        h = hs[-1] if hs else activations[-1](pre)
+        theta = _dimension_outputs(h, out, d, event_size, num_params)
         if out_c is not None:
-            theta += _dimension_outputs(c, out_c, d, event_size, num_params)
+            theta += _dimension_outputs(state[3], out_c, d, event_size, num_params)
         return theta
 
     def update(state, d, x_d):
-        delta = x_d[:, tf.newaxis] * first.kernel[d]
-        return state + delta if not conditional else (state[0] + delta, *state[1:])
+        pre, hs = state[:2]
+        terms = iter(state[2] if conditional else ())
+        pre = pre + x_d[:, tf.newaxis] * first.kernel[d]
+        h, new_hs = activations[0](pre), []
+        for i, (dense, c_dense) in enumerate(hidden):
+            slots = tf.gather(tf.constant(units[i]), d)  # [m], `width` marks an empty slot.
+            width = dense.kernel.shape[-1]
+            cols = tf.minimum(slots, width - 1)
+            z = tf.matmul(h, tf.gather(dense.kernel, cols, axis=1))
+            if c_dense is not None:
+                z += tf.gather(next(terms), cols, axis=1)
+            elif dense.use_bias:
+                z += tf.gather(dense.bias, cols)
+            place = tf.one_hot(slots, width + 1, dtype=z.dtype)[:, :width]  # [m, H]
+            keep = 1.0 - tf.reduce_sum(place, axis=0)
+            h = hs[i] * keep + tf.matmul(activations[i + 1](z), place)
+            new_hs.append(h)
+        new_hs = tuple(new_hs)
+        return (pre, new_hs) if not conditional else (pre, new_hs, *state[2:])
 
     return IncrementalHead(start, params, update)
