@@ -188,8 +188,9 @@ def test_log_prob_outside_the_support_is_minus_inf_with_finite_gradients():
         loss = -tf.reduce_sum(inside)
     grads = tape.gradient(loss, model.flow.trainable_variables)
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
-    # Batched and in a tf.function, the same.
-    np.testing.assert_array_equal(model.log_prob(x, batch_size=4).numpy(), lp)
+    # Batched and in a tf.function, the same up to float rounding (graph
+    # rewrites may fuse ops differently from eager), the -inf rows exactly.
+    np.testing.assert_allclose(model.log_prob(x, batch_size=4).numpy(), lp, rtol=1e-6, atol=0)
 
 
 def test_samples_stay_strictly_inside_where_the_map_saturates():

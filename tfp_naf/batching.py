@@ -54,6 +54,14 @@ def _cache(model) -> dict:
     return model.__dict__.setdefault("_tfp_naf_batched_functions", {})
 
 
+def cached_function(model, key, build):
+    """`build()` (a compiled function of `model`), built once per model and `key`."""
+    cache = _cache(model)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def _log_prob_function(model, batch: int):
     key = ("log_prob", batch)
     if key not in _cache(model):
