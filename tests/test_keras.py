@@ -164,6 +164,8 @@ def test_eager_sample_is_traced_once_and_equals_the_op_by_op_draw(conditional):
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
         model.sample(3, c=None if conditional else np.zeros([3, 2], np.float32), seed=1)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3\]"):
+        model.noise_to_data(np.zeros([4, 6], np.float32), condition(4))
 
 
 def test_sample_is_reproducible_by_seed_and_in_data_units(monkeypatch):

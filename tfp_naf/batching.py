@@ -63,23 +63,21 @@ def cached_function(model, key, build):
 
 
 def _log_prob_function(model, batch: int):
-    key = ("log_prob", batch)
-    if key not in _cache(model):
+    def build():
         dtype = tf.as_dtype(model.dtype)
         x_spec = tf.TensorSpec([batch, model.event_size], dtype)
         if model.conditional:
             c_spec = tf.TensorSpec([batch, model.conditional_size], dtype)
-            fn = tf.function(model.log_prob, input_signature=[x_spec, c_spec], autograph=False)
-        else:
-            fn = tf.function(lambda x: model.log_prob(x), input_signature=[x_spec],
-                             autograph=False)
-        _cache(model)[key] = fn
-    return _cache(model)[key]
+            return tf.function(model.log_prob, input_signature=[x_spec, c_spec],
+                               autograph=False)
+        return tf.function(lambda x: model.log_prob(x), input_signature=[x_spec],
+                           autograph=False)
+
+    return cached_function(model, ("log_prob", batch), build)
 
 
 def _sample_function(model, batch: int, jit_compile: bool):
-    key = ("sample", batch, bool(jit_compile))
-    if key not in _cache(model):
+    def build():
         dtype = tf.as_dtype(model.dtype)
         seed_spec = tf.TensorSpec([2], tf.int32)
         noise_spec = tf.TensorSpec([batch, model.event_size], dtype)
@@ -94,8 +92,9 @@ def _sample_function(model, batch: int, jit_compile: bool):
         noise_fn = tf.function(noise, input_signature=[seed_spec], autograph=False)
         transform_fn = tf.function(transform, input_signature=[noise_spec, c_spec],
                                    autograph=False, jit_compile=bool(jit_compile))
-        _cache(model)[key] = lambda seed, c: transform_fn(noise_fn(seed), c)
-    return _cache(model)[key]
+        return lambda seed, c: transform_fn(noise_fn(seed), c)
+
+    return cached_function(model, ("sample", batch, bool(jit_compile)), build)
 
 
 def _rows(values, start: int, stop: int, dtype, pad_to: int) -> np.ndarray:

@@ -661,8 +661,10 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
     if ready is None:
         return None
     degrees = _degrees(made)
-    # NumPy, made a tensor at each call: the head is cached across graphs.
-    units = [_units_by_dimension(r, degrees).astype(np.int32) for r in ready]
+    # NumPy, made tensors at each call: the head is cached across graphs.
+    # `slots` index the layer's units (`H` for an empty slot), `cols` its kernel.
+    slots = [_units_by_dimension(r, degrees).astype(np.int32) for r in ready]
+    cols = [np.minimum(u, len(r) - 1) for u, r in zip(slots, ready, strict=True)]
 
     def hidden_layers(pre, terms):
         """Every later hidden layer's activations from the first's pre-activation."""
@@ -702,15 +704,14 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
         pre = pre + x_d[:, tf.newaxis] * first.kernel[d]
         h, new_hs = activations[0](pre), []
         for i, (dense, c_dense) in enumerate(hidden):
-            slots = tf.gather(tf.constant(units[i]), d)  # [m], `width` marks an empty slot.
+            slot, col = tf.gather(tf.constant(slots[i]), d), tf.gather(tf.constant(cols[i]), d)
             width = dense.kernel.shape[-1]
-            cols = tf.minimum(slots, width - 1)
-            z = tf.matmul(h, tf.gather(dense.kernel, cols, axis=1))
+            z = tf.matmul(h, tf.gather(dense.kernel, col, axis=1))
             if c_dense is not None:
-                z += tf.gather(next(terms), cols, axis=1)
+                z += tf.gather(next(terms), col, axis=1)
             elif dense.use_bias:
-                z += tf.gather(dense.bias, cols)
-            place = tf.one_hot(slots, width + 1, dtype=z.dtype)[:, :width]  # [m, H]
+                z += tf.gather(dense.bias, col)
+            place = tf.one_hot(slot, width + 1, dtype=z.dtype)[:, :width]  # [m, H]
             keep = 1.0 - tf.reduce_sum(place, axis=0)
             h = hs[i] * keep + tf.matmul(activations[i + 1](z), place)
             new_hs.append(h)

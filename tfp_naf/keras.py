@@ -595,6 +595,8 @@ class NAFDensityModel(tf_keras.Model):
         _, c = self._check_inputs(tf.zeros([0, self.event_size], self.dtype), c)
         if not tf.executing_eagerly():
             return self._noise_to_data(z, c)
+        if z.shape.rank == 0 or z.shape[-1] != self.event_size:
+            raise ValueError(f"`z` must have shape [..., {self.event_size}]; got {z.shape}.")
         batch = tf.shape(z)[:-1]
         if c is not None:
             c = tf.reshape(tf.broadcast_to(c, tf.concat([batch, [self.conditional_size]], 0)),
