@@ -8,8 +8,10 @@ Setup as `benchmarks.speed` (D=43, 5 layers with reversals, MADE [128, 128],
 * `log_prob, rows R`: the same rows in blocks of `R` inside the compiled
   function (`tf.map_fn`, one block after the other), so each block's
   intermediates (`[R, D, K]` units, `[R, D, 3K]` parameters) stay small;
-* `conditioners`: the 5 MADEs' forwards alone (with the base parameters);
-* `transformers`: the 5 DSF transformers alone, at fixed parameters;
+* `conditioners`: the 5 MADEs' forwards alone, each output summed
+  (`benchmarks.speed`'s `cond_fwd`);
+* `transformers`: the 5 DSF transformers alone, at fixed parameters
+  (`benchmarks.speed`'s `transformers_only`);
 
 for NAF-DSF, and `log_prob` (whole and in blocks) for TFP's MAF with the same
 MADE sizes.
@@ -26,7 +28,16 @@ import json
 import tensorflow as tf
 
 from benchmarks.models import build_flow, perturb
-from benchmarks.speed import FLOWS, HIDDEN, LOG_PROB_BATCH, RESULTS, UNITS, D, round_robin_seconds
+from benchmarks.speed import (
+    FLOWS,
+    HIDDEN,
+    LOG_PROB_BATCH,
+    RESULTS,
+    UNITS,
+    D,
+    _conditioner_references,
+    round_robin_seconds,
+)
 
 
 def in_blocks(fn, rows: int):
@@ -44,18 +55,10 @@ def _cases(model: str, x, block_rows) -> dict:
     perturb(conds, scale=0.1, seed=0)
     cases = {"log_prob": dist.log_prob}
     cases.update({f"log_prob, rows {r}": in_blocks(dist.log_prob, r) for r in block_rows})
-    nafs = [b for b in getattr(to_noise, "bijectors", []) if hasattr(b, "transformer")]
-    if nafs:
-        thetas = [tf.constant(f.transformer_params(x).numpy()) for f in nafs]
-        transformer = nafs[0].transformer
-
-        def conditioners_only(x):  # Each MADE with its base parameters, its output summed.
-            return [tf.reduce_sum(f.transformer_params(x)) for f in nafs]
-
-        def transformers_only(x):
-            return [transformer.forward_and_log_derivative(x, t) for t in thetas]
-
-        cases.update(conditioners=conditioners_only, transformers=transformers_only)
+    naf_layers = [b for b in getattr(to_noise, "bijectors", []) if hasattr(b, "transformer")]
+    if naf_layers:  # benchmarks.speed's own references, at this batch.
+        refs = _conditioner_references(conds, x, x, naf_layers)
+        cases.update(conditioners=refs["cond_fwd"][0], transformers=refs["transformers_only"][0])
     return cases
 
 
