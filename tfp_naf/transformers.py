@@ -988,7 +988,14 @@ def _shared_weights(logits: tf.Tensor) -> tf.Tensor:
 
 
 def _shared_mix(stacked: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """`stacked @ weights^T`: `[..., r, n] x [m, n] -> [..., r, m]`, one matmul for all rows."""
+    """`stacked @ weights^T`: `[r, ..., n] x [m, n] -> [r, ..., m]`, one matmul for all rows.
+
+    The `r` terms are stacked on a new leading axis, each one contiguous block:
+    the stack is then a copy of whole blocks and the unstack of the result is
+    free. Stacked next to the last axis (rows of `K` interleaved), the
+    concatenations and slices made a shared DDSF training step 9% slower at
+    D = 43 (`benchmarks/README.md`, "DDSF: the stacked terms' axis").
+    """
     return tf.tensordot(stacked, weights, axes=[[-1], [-1]])
 
 
@@ -1011,9 +1018,9 @@ def _shared_first_parts(x, a_raw, b, w_offsets, w_shared, clip, min_slope):
     ec = tf.broadcast_to(ec, ps.shape(sig))
     big_e = _shared_weights(w_shared)
     # Unstacked, not sliced: a slice's gradient is a zero-padded full-size tensor.
-    stacked = tf.stack([ec * sig, ec * sig_neg, ec * a * q, ec], axis=-2)
+    stacked = tf.stack([ec * sig, ec * sig_neg, ec * a * q, ec], axis=0)
     mix_sig, mix_sig_neg, mix_slope, norm = tf.unstack(
-        _shared_mix(stacked, big_e), axis=-2)  # each [..., n_out]
+        _shared_mix(stacked, big_e), axis=0)  # each [..., n_out]
     out = _shared_output(mix_sig, mix_sig_neg, mix_slope, norm, clip, tiny)
     h, log_dh = out[0], out[1] - m
     parts = dict(x=x, a_raw=a_raw, a=a, sig=sig, sig_neg=sig_neg, q=q, ec=ec, big_e=big_e,
@@ -1041,7 +1048,7 @@ def _shared_output(mix_sig, mix_sig_neg, mix_slope, norm, clip, tiny):
 
 
 def _mixture_gradients(grad_h, grad_log_dh, p, clip, tiny):
-    """Upstream gradients of `_shared_output`'s four mixtures, stacked: `[..., 4, n_out]`.
+    """Upstream gradients of `_shared_output`'s four mixtures, stacked: `[4, ..., n_out]`.
 
     With `A = (1 - clip) / norm`: `d/d mix_sig = A (gh - gl) / s'`, `d/d mix_sig_neg
     = -A (gh + gl) / (1 - s')`, `d/d mix_slope = gl / mix_slope` and `d/d norm =
@@ -1061,7 +1068,7 @@ def _mixture_gradients(grad_h, grad_log_dh, p, clip, tiny):
     g_slope = g_log_slope / tf.where(slope_ok, p["mix_slope"], 1.0)
     g_norm = tf.where(p["norm"] >= tiny, -p["inv_norm"] * (
         g_sig * p["mix_sig"] + g_sig_neg * p["mix_sig_neg"] + g_log_slope), 0.0)
-    return tf.stack([g_sig, g_sig_neg, g_slope, g_norm], axis=-2)
+    return tf.stack([g_sig, g_sig_neg, g_slope, g_norm], axis=0)
 
 
 def _shared_mix_gradients(grad_mix, stacked, weights):
@@ -1088,7 +1095,7 @@ def _output_mixing_gradients(parts, grad_h, grad_log_dh, clip):
     grad_mix = _mixture_gradients(grad_h, grad_log_dh, parts["out"][2], clip, tiny)
     grad_stacked, grad_w_shared = _shared_mix_gradients(
         grad_mix, parts["stacked"], parts["big_e"])
-    return tf.unstack(grad_stacked, axis=-2), grad_w_shared
+    return tf.unstack(grad_stacked, axis=0), grad_w_shared
 
 
 def _shared_first_gradients(parts, grad_h, grad_log_dh, clip, min_slope):
@@ -1151,8 +1158,8 @@ def _shared_later_parts(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_s
     ecu = tf.broadcast_to(tf.exp(gu), ps.shape(shifted))
     big_eu = _shared_weights(u_shared)
     dh_terms = tf.exp(shifted - top)
-    stacked_in = tf.stack([ecu * h, ecu, dh_terms], axis=-2)
-    mix_h, norm_u, mix_dh = tf.unstack(_shared_mix(stacked_in, big_eu), axis=-2)  # [..., K]
+    stacked_in = tf.stack([ecu * h, ecu, dh_terms], axis=0)
+    mix_h, norm_u, mix_dh = tf.unstack(_shared_mix(stacked_in, big_eu), axis=0)  # [..., K]
     inv_norm_u = tf.math.reciprocal(tf.maximum(norm_u, tiny))
     mixed = mix_h * inv_norm_u
     dmixed = mix_dh * inv_norm_u
@@ -1166,9 +1173,9 @@ def _shared_later_parts(h, log_dh, a_raw, b, w_offsets, u_offsets, w_shared, u_s
     ec = tf.broadcast_to(tf.exp(gw), ps.shape(sig))
     big_e = _shared_weights(w_shared)
     slope_terms = a * tf.square(inv) * tf.exp(big_g - top_g)
-    stacked = tf.stack([ec * sig, ec * sig_neg, slope_terms, ec], axis=-2)
+    stacked = tf.stack([ec * sig, ec * sig_neg, slope_terms, ec], axis=0)
     mix_sig, mix_sig_neg, mix_slope, norm = tf.unstack(
-        _shared_mix(stacked, big_e), axis=-2)  # each [..., n_out]
+        _shared_mix(stacked, big_e), axis=0)  # each [..., n_out]
     out = _shared_output(mix_sig, mix_sig_neg, mix_slope, norm, clip, tiny)
     parts = dict(h=h, a_raw=a_raw, a=a, ecu=ecu, big_eu=big_eu, dh_terms=dh_terms,
                  stacked_in=stacked_in, mix_h=mix_h, mix_dh=mix_dh, norm_u=norm_u,
@@ -1215,8 +1222,8 @@ def _shared_later_gradients(parts, grad_h, grad_log_dh, clip, min_slope):
     t_norm_u = tf.where(p["norm_u"] >= tiny,
                         -inv_norm_u * (t_mix_h * p["mix_h"] + g_log_dmixed), 0.0)
     grad_in, grad_u_shared = _shared_mix_gradients(
-        tf.stack([t_mix_h, t_norm_u, t_mix_dh], axis=-2), p["stacked_in"], p["big_eu"])
-    t_h, t_norm, t_dh = tf.unstack(grad_in, axis=-2)
+        tf.stack([t_mix_h, t_norm_u, t_mix_dh], axis=0), p["stacked_in"], p["big_eu"])
+    t_h, t_norm, t_dh = tf.unstack(grad_in, axis=0)
     ecu = p["ecu"]
     grad_log_dh_in = t_dh * p["dh_terms"]
     grad_h_in = ecu * t_h
