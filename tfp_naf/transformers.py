@@ -994,7 +994,8 @@ def _shared_mix(stacked: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     the stack is then a copy of whole blocks and the unstack of the result is
     free. Stacked next to the last axis (rows of `K` interleaved), the
     concatenations and slices made a shared DDSF training step 9% slower at
-    D = 43 (`benchmarks/README.md`, "DDSF: the stacked terms' axis").
+    D = 43 (`benchmarks/README.md`, Speed, "the shared DDSF's stacked terms on
+    a leading axis").
     """
     return tf.tensordot(stacked, weights, axes=[[-1], [-1]])
 
