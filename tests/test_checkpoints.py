@@ -229,8 +229,9 @@ def test_bare_flow_chain_resumes_exactly_from_a_checkpoint(tmp_path, batches):
     half = STEPS // 2
 
     straight, straight_opt = _chain(0), _adam()
-    # Both MADEs (4 variables each) and both base parameters are seen through the Chain.
-    assert len(straight.trainable_variables) == 10
+    # Both MADEs (4 variables and a softness each) and both base parameters are seen
+    # through the Chain.
+    assert len(straight.trainable_variables) == 12
     straight_losses = _train(_chain_nll(straight), straight.trainable_variables, straight_opt,
                              data)
     # Training moved every variable, so resuming exactly is a real check. (At this learning
@@ -333,12 +334,13 @@ def test_load_weights_missing_or_mismatched_is_a_clear_error(tmp_path):
             model.load_weights(str(tmp_path / name))
     model.save_weights(str(tmp_path / "w"))
     # Refused before anything is restored: the model keeps its own weights.
-    # Each flow: a MADE's 4 variables and its base parameters.
-    for overrides, match in [(dict(hidden_units=[32]), "hold 10 flow variables, .* has 10 of "
+    # Each flow: a MADE's 4 variables, its activation's softness and its base parameters.
+    for overrides, match in [(dict(hidden_units=[32]), "hold 12 flow variables, .* has 12 of "
                                                         "other shapes"),
-                             (dict(num_flows=1), "hold 10 flow variables, .* has 5"),
-                             (dict(num_flows=3), "hold 10 flow variables, .* has 15"),
-                             (dict(base_rate=0.0), "hold 10 flow variables, .* has 8")]:
+                             (dict(num_flows=1), "hold 12 flow variables, .* has 6"),
+                             (dict(num_flows=3), "hold 12 flow variables, .* has 18"),
+                             (dict(base_rate=0.0), "hold 12 flow variables, .* has 10"),
+                             (dict(activation="relu"), "hold 12 flow variables, .* has 10")]:
         other = _model(1, **overrides)
         before = [v.numpy() for v in other.variables]
         with pytest.raises(ValueError, match=match + ".*another config.*nothing was loaded"):
@@ -377,7 +379,7 @@ def test_model_folder_with_weights_of_another_config_is_refused(tmp_path, batche
     np.testing.assert_array_equal(loaded.log_prob(batches[1]), model.log_prob(batches[1]))
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    for change, match in [({"num_flows": 1}, "hold 10 flow variables, 'naf_density_model' has 5"),
+    for change, match in [({"num_flows": 1}, "hold 12 flow variables, 'naf_density_model' has 6"),
                           ({"num_flows": 3}, "do not fit the config"),
                           ({"hidden_units": [8]}, "do not fit the config")]:
         edited = dict(config, model=dict(config["model"], **change))

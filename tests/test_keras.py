@@ -51,11 +51,13 @@ def test_make_flow_is_standard_normal_at_start_and_tracks_variables(monkeypatch)
     x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
     expected = -0.5 * np.sum(x**2, axis=-1) - 1.5 * np.log(2 * np.pi)
     np.testing.assert_allclose(flow.log_prob(x), expected, atol=0.1)
-    # Two MADEs with one hidden layer: 2 x (2 kernels + 2 biases), and each NAF's
-    # base parameters.
-    assert len(flow.trainable_variables) == 10
+    # Two MADEs with one hidden layer: 2 x (2 kernels + 2 biases + the softness of
+    # their activation), and each NAF's base parameters.
+    assert len(flow.trainable_variables) == 12
     assert sum("base_params" in v.name for v in flow.trainable_variables) == 2
-    assert len(make_flow(3, base_rate=0.0, **SMALL).trainable_variables) == 8
+    assert sum("softness" in v.name for v in flow.trainable_variables) == 2
+    assert len(make_flow(3, base_rate=0.0, **SMALL).trainable_variables) == 10
+    assert len(make_flow(3, activation="relu", **SMALL).trainable_variables) == 10
     # A conditional flow's offsets are conditioned on c: no base parameters by default.
     assert not any("base_params" in v.name
                    for v in make_flow(3, conditional_size=2, **SMALL).trainable_variables)

@@ -180,6 +180,10 @@ def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, unit
                    help="learning-rate factor of each flow's unconditioned base parameters "
                         "(theta = MADE(x) + R * beta); 0 for none (default: the library's, "
                         "tfp_naf.flow.DEFAULT_BASE_RATE)")
+    g.add_argument("--activation", default="soft_relu", metavar="NAME",
+                   help="the MADEs' hidden activation: soft_relu (a ReLU with a learned "
+                        "softness) or a Keras activation name such as relu "
+                        "(default %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,7 +286,8 @@ def _parser() -> argparse.ArgumentParser:
 def _model_kwargs(args) -> dict:
     return dict(transformer=args.transformer, num_units=args.units, num_layers=args.layers,
                 num_flows=args.flows, hidden_units=args.hidden,
-                context_units=args.context_units, base_rate=args.base_rate)
+                context_units=args.context_units, base_rate=args.base_rate,
+                activation=args.activation)
 
 
 def _settings(args) -> dict:

@@ -10,7 +10,7 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import assert_util
 from tensorflow_probability.python.internal import prefer_static as ps
 
-from tfp_naf import conditioners
+from tfp_naf import activations, conditioners
 from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
 
 # Initial spread of the built conditioner's sigmoid centres (see `initial_spread`),
@@ -134,7 +134,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         transformer: "str | type" = "dsf",
         num_units: int = 16,
         num_layers: int = 2,
-        activation="relu",
+        activation="soft_relu",
         input_order: "str | Sequence[int]" = "left-to-right",
         hidden_degrees: str = "equal",
         conditional_event_shape: "Sequence[int] | int | None" = None,
@@ -169,7 +169,12 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
           transformer: "dsf", "ddsf", "ddsf-shared", or a transformer class.
           num_units: `K`, sigmoids per transformer layer.
           num_layers: layers of the DDSF transformer (ignored for DSF).
-          activation, input_order, hidden_degrees, conditional_event_shape,
+          activation: the built MADE's hidden activation: `"soft_relu"` (the
+            default) gives it one `tfp_naf.activations.SoftReLU`, a ReLU whose
+            softness is learned (from 0.05, shared by its hidden layers;
+            chosen on validation data, benchmarks/README.md); otherwise as
+            for `tfb.AutoregressiveNetwork` (`"relu"`, a callable, ...).
+          input_order, hidden_degrees, conditional_event_shape,
             conditional_input_layers: as for `tfb.AutoregressiveNetwork`. A
             flow with `conditional_event_shape` is conditional: every call needs
             `conditional_input=`.
@@ -364,7 +369,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         options = dict(
             event_shape=event_shape,
             hidden_units=list(hidden_units or []),
-            activation=activation,
+            activation=activations.resolve(activation, dtype),
             input_order=input_order,
             hidden_degrees=hidden_degrees,
             conditional=conditional_event_shape is not None,

@@ -75,6 +75,7 @@ def make_flow(
     dtype=tf.float32,
     name: str = "naf_flow",
     base_rate: "float | None" = None,
+    activation: str = "soft_relu",
 ) -> tfd.TransformedDistribution:
     """A normalizing-flow density: `num_flows` NAFs with reversals in between.
 
@@ -107,6 +108,9 @@ def make_flow(
       name: name prefix.
       base_rate: learning-rate factor of each NAF's unconditioned base
         parameters (see `NeuralAutoregressiveFlow`); None for its default.
+      activation: the MADEs' hidden activation, a name: `"soft_relu"` (a
+        ReLU with a learned softness, one per NAF; see
+        `NeuralAutoregressiveFlow`) or a Keras activation such as `"relu"`.
 
     Returns:
       The flow distribution; its `trainable_variables` are all the NAFs'.
@@ -151,6 +155,7 @@ def make_flow(
                 ),
                 context_units=context_units,
                 base_rate=base_rate,
+                activation=activation,
                 dtype=dtype,
                 name=f"{name}_naf_{k}",
             )
@@ -162,7 +167,16 @@ def make_flow(
 
 # Config keys added after the first release, with the value that reproduces
 # what a config saved without them was trained with.
-_ADDED_CONFIG_KEYS = {"support": None, "base_rate": 0.0}
+_ADDED_CONFIG_KEYS = {"support": None, "base_rate": 0.0, "activation": "relu"}
+
+
+def _activation_name(activation) -> str:
+    """`activation` if it is a name a saved config can hold, else a `TypeError`."""
+    if not isinstance(activation, str):
+        raise TypeError(
+            "`activation` must be a name (\"soft_relu\", \"relu\", ...), so the model's "
+            f"config can be saved; got {activation!r}.")
+    return activation
 
 
 def with_config_defaults(config: "dict[str, Any]") -> "dict[str, Any]":
@@ -311,6 +325,7 @@ class NAFDensityModel(tf_keras.Model):
         name: str = "naf_density_model",
         support: "tuple[Any, Any] | None" = None,
         base_rate: "float | None" = None,
+        activation: str = "soft_relu",
         **kwargs,
     ):
         """Builds the model and all its weights.
@@ -322,6 +337,9 @@ class NAFDensityModel(tf_keras.Model):
             or 0 for a conditional model, as `NeuralAutoregressiveFlow` does;
             kept as a number in `get_config`; configs saved before it existed
             load with 0, as they were trained).
+          activation: the MADEs' hidden activation, as for `make_flow`
+            (configs saved before it existed load with `"relu"`, as they were
+            trained).
           dtype: float32 or float64, for the weights and the computation.
           name: model name.
           support: None (the density lives on all of R^D), or a pair
@@ -345,6 +363,7 @@ class NAFDensityModel(tf_keras.Model):
             conditional_size=None if conditional_size is None else int(conditional_size),
             context_units=None if context_units is None else int(context_units),
             base_rate=None if base_rate is None else float(base_rate),
+            activation=_activation_name(activation),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
         # The rate the flows resolved `None` to, so `get_config` rebuilds the same model.
