@@ -68,10 +68,13 @@ def _soft_relus(naf):
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
-@pytest.mark.parametrize("context_units", [None, 4])
-def test_built_flow_learns_one_softness_per_made(dtype, context_units):
-    naf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8, 8], num_units=4,
-                                   context_units=context_units, dtype=dtype)
+@pytest.mark.parametrize("context_units, conditional", [(None, False), (4, False),
+                                                        (None, True)])
+def test_built_flow_learns_one_softness_per_made(dtype, context_units, conditional):
+    options = dict(event_shape=[3], hidden_units=[8, 8], num_units=4, dtype=dtype,
+                   context_units=context_units, activation="soft_relu",
+                   conditional_event_shape=[2] if conditional else None)
+    naf = NeuralAutoregressiveFlow(**options)
     acts = list(_soft_relus(naf).values())
     assert len(acts) == 1  # Shared by both hidden layers.
     (act,) = acts
@@ -79,26 +82,35 @@ def test_built_flow_learns_one_softness_per_made(dtype, context_units):
     assert any(v is act.log_softness_offset for v in naf.trainable_variables)
     randomize(naf, scale=0.3)
     x = tf.constant(np.random.default_rng(0).normal(size=(16, 3)), dtype)
+    kw = {"conditional_input": tf.ones([16, 2], dtype)} if conditional else {}
     with tf.GradientTape() as tape:
-        z = naf.forward(x)
-        loss = tf.reduce_sum(z**2) - tf.reduce_sum(naf.forward_log_det_jacobian(x, 1))
+        z = naf.forward(x, **kw)
+        loss = tf.reduce_sum(z**2) - tf.reduce_sum(naf.forward_log_det_jacobian(x, 1, **kw))
     assert z.dtype == dtype
     grad = tape.gradient(loss, act.log_softness_offset)
     assert grad is not None and np.isfinite(grad.numpy()) and grad.numpy() != 0.0
     # The inverse (its incremental head applies the activation to a few units at a
     # time) still undoes the forward pass.
     tol = 1e-4 if dtype == tf.float32 else 1e-9
-    np.testing.assert_allclose(naf.inverse(z).numpy(), x.numpy(), atol=tol)
+    np.testing.assert_allclose(naf.inverse(z, **kw).numpy(), x.numpy(), atol=tol)
     # Two flows do not share a softness.
-    other = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8, 8], num_units=4,
-                                     context_units=context_units, dtype=dtype)
+    other = NeuralAutoregressiveFlow(**options)
     assert not set(_soft_relus(other)) & set(_soft_relus(naf))
 
 
-def test_relu_is_still_available():
+def test_relu_is_still_available_and_the_conditional_default():
     naf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4,
                                    activation="relu")
     assert not _soft_relus(naf)
+    # Conditional flows keep the ReLU by default (validation favoured it there).
+    cnaf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4,
+                                    conditional_event_shape=[2])
+    assert not _soft_relus(cnaf)
+    cnaf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4,
+                                    conditional_event_shape=[2], activation="soft_relu")
+    assert len(_soft_relus(cnaf)) == 1
+    model = NAFDensityModel(event_size=2, conditional_size=1, num_flows=1, hidden_units=[8])
+    assert model.get_config()["activation"] == "relu"
 
 
 def test_model_folder_keeps_the_learned_softness(tmp_path):

@@ -6,7 +6,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from conftest import randomize
 
-from tfp_naf import NeuralAutoregressiveFlow, conditioners
+from tfp_naf import NeuralAutoregressiveFlow, activations, conditioners
 
 tfb = tfp.bijectors
 
@@ -124,13 +124,18 @@ def test_incremental_head_follows_the_inverse_passes(hidden_units, conditional, 
     _check_incremental_head(naf.conditioner, head, c)
 
 
-@pytest.mark.parametrize("conditional_layers", ["first_layer", "all_layers"])
-def test_incremental_head_of_a_conditional_made(conditional_layers):
+@pytest.mark.parametrize("conditional_layers, activation",
+                         [("first_layer", "relu"), ("all_layers", "relu"),
+                          ("all_layers", "soft_relu")])
+def test_incremental_head_of_a_conditional_made(conditional_layers, activation):
+    act = activations.resolve(activation, tf.float64)
     made = tfb.AutoregressiveNetwork(
         params=3, event_shape=[D], conditional=True, conditional_event_shape=[2],
-        conditional_input_layers=conditional_layers, hidden_units=[8, 6], activation="relu",
+        conditional_input_layers=conditional_layers, hidden_units=[8, 6], activation=act,
         input_order="random", bias_initializer="glorot_uniform", dtype=tf.float64)
     made(tf.zeros([1, D], tf.float64), conditional_input=tf.zeros([1, 2], tf.float64))
+    if activation == "soft_relu":
+        act.log_softness_offset.assign(2.0)  # Softness 0.37: far from a ReLU.
     conditioners.match_dtype(made)  # As the flow does with a MADE it is given.
     head = conditioners.incremental_head(made)
     assert head is not None

@@ -3,11 +3,12 @@
 `SoftReLU` computes `s softplus(h / s)`, with the softness `s > 0` a learned
 scalar. As `s -> 0` it is the ReLU; larger `s` rounds the kink at 0 over a
 width of about `s`. The flows a `NeuralAutoregressiveFlow` builds use one per
-MADE (`activation="soft_relu"`, the default), shared by its hidden layers, so
-each flow learns how smooth its conditioner is. Fixed smooth activations
-(GELU, SiLU) learned the round 2-D shapes faster and the sharp-edged ones
-slower; a learned softness starting at `DEFAULT_SOFTNESS` kept the sharp-edged
-shapes and gained most on MiniBooNE (benchmarks/README.md, "ReLU with a
+MADE (`activation="soft_relu"`, the default of unconditional flows), shared by
+its hidden layers, so each flow learns how smooth its conditioner is. Fixed
+smooth activations (GELU, SiLU) learned the round 2-D shapes faster and the
+sharp-edged ones slower; a learned softness starting at `DEFAULT_SOFTNESS` kept
+the sharp-edged shapes and gained most on MiniBooNE. On the conditional task it
+lost, so conditional flows keep the ReLU (benchmarks/README.md, "ReLU with a
 learned softness").
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-__all__ = ["DEFAULT_SOFTNESS", "SoftReLU", "resolve"]
+__all__ = ["DEFAULT_SOFTNESS", "SoftReLU", "default_activation", "resolve"]
 
 # The softness a `SoftReLU` starts at, in the MADE's pre-activation units (its
 # inputs are standardised data). Chosen on validation data over 0.02, 0.05 and 0.2
@@ -92,9 +93,18 @@ class SoftReLU(tf_keras.layers.Layer):
         return dict(super().get_config(), initial_softness=self._initial_softness)
 
 
-def resolve(activation, dtype):
-    """The activation a built MADE gets: a new `SoftReLU` (in `dtype`) for
-    `"soft_relu"`, anything else as given (Keras names, callables)."""
+def default_activation(conditional: bool) -> str:
+    """The built MADEs' default: `"soft_relu"`, or `"relu"` for a conditional
+    flow (each chosen on validation data, benchmarks/README.md)."""
+    return "relu" if conditional else "soft_relu"
+
+
+def resolve(activation, dtype, conditional: bool = False):
+    """The activation a built MADE gets: None means `default_activation`; a new
+    `SoftReLU` (in `dtype`) for `"soft_relu"`; anything else as given (Keras
+    names, callables)."""
+    if activation is None:
+        activation = default_activation(conditional)
     if isinstance(activation, str) and activation == "soft_relu":
         return SoftReLU(dtype=tf.as_dtype(dtype).name, name="soft_relu")
     return activation

@@ -180,10 +180,10 @@ def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, unit
                    help="learning-rate factor of each flow's unconditioned base parameters "
                         "(theta = MADE(x) + R * beta); 0 for none (default: the library's, "
                         "tfp_naf.flow.DEFAULT_BASE_RATE)")
-    g.add_argument("--activation", default="soft_relu", metavar="NAME",
+    g.add_argument("--activation", default=None, metavar="NAME",
                    help="the MADEs' hidden activation: soft_relu (a ReLU with a learned "
-                        "softness) or a Keras activation name such as relu "
-                        "(default %(default)s)")
+                        "softness) or a Keras activation name such as relu (default: "
+                        "soft_relu, or relu for a conditional model)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -134,7 +134,7 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         transformer: "str | type" = "dsf",
         num_units: int = 16,
         num_layers: int = 2,
-        activation="soft_relu",
+        activation=None,
         input_order: "str | Sequence[int]" = "left-to-right",
         hidden_degrees: str = "equal",
         conditional_event_shape: "Sequence[int] | int | None" = None,
@@ -169,11 +169,13 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
           transformer: "dsf", "ddsf", "ddsf-shared", or a transformer class.
           num_units: `K`, sigmoids per transformer layer.
           num_layers: layers of the DDSF transformer (ignored for DSF).
-          activation: the built MADE's hidden activation: `"soft_relu"` (the
-            default) gives it one `tfp_naf.activations.SoftReLU`, a ReLU whose
-            softness is learned (from 0.05, shared by its hidden layers;
-            chosen on validation data, benchmarks/README.md); otherwise as
-            for `tfb.AutoregressiveNetwork` (`"relu"`, a callable, ...).
+          activation: the built MADE's hidden activation. `"soft_relu"` gives
+            it one `tfp_naf.activations.SoftReLU`, a ReLU whose softness is
+            learned (from 0.05, shared by its hidden layers); otherwise as for
+            `tfb.AutoregressiveNetwork` (`"relu"`, a callable, ...). None
+            means `"soft_relu"` for an unconditional flow and `"relu"` for a
+            conditional one (`activations.default_activation`, each chosen on
+            validation data, benchmarks/README.md).
           input_order, hidden_degrees, conditional_event_shape,
             conditional_input_layers: as for `tfb.AutoregressiveNetwork`. A
             flow with `conditional_event_shape` is conditional: every call needs
@@ -369,7 +371,8 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         options = dict(
             event_shape=event_shape,
             hidden_units=list(hidden_units or []),
-            activation=activations.resolve(activation, dtype),
+            activation=activations.resolve(
+                activation, dtype, conditional=conditional_event_shape is not None),
             input_order=input_order,
             hidden_degrees=hidden_degrees,
             conditional=conditional_event_shape is not None,

@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
+from tfp_naf import activations
 from tfp_naf.flow import NeuralAutoregressiveFlow
 from tfp_naf.keras3_guard import (
     KERAS3_HELP,
@@ -75,7 +76,7 @@ def make_flow(
     dtype=tf.float32,
     name: str = "naf_flow",
     base_rate: "float | None" = None,
-    activation: str = "soft_relu",
+    activation: "str | None" = None,
 ) -> tfd.TransformedDistribution:
     """A normalizing-flow density: `num_flows` NAFs with reversals in between.
 
@@ -110,7 +111,8 @@ def make_flow(
         parameters (see `NeuralAutoregressiveFlow`); None for its default.
       activation: the MADEs' hidden activation, a name: `"soft_relu"` (a
         ReLU with a learned softness, one per NAF; see
-        `NeuralAutoregressiveFlow`) or a Keras activation such as `"relu"`.
+        `NeuralAutoregressiveFlow`) or a Keras activation such as `"relu"`;
+        None for the default (`"soft_relu"`, `"relu"` for a conditional flow).
 
     Returns:
       The flow distribution; its `trainable_variables` are all the NAFs'.
@@ -170,8 +172,11 @@ def make_flow(
 _ADDED_CONFIG_KEYS = {"support": None, "base_rate": 0.0, "activation": "relu"}
 
 
-def _activation_name(activation) -> str:
-    """`activation` if it is a name a saved config can hold, else a `TypeError`."""
+def _activation_name(activation, conditional: bool) -> str:
+    """`activation` (None: the default) if it is a name a saved config can hold,
+    else a `TypeError`."""
+    if activation is None:
+        return activations.default_activation(conditional)
     if not isinstance(activation, str):
         raise TypeError(
             "`activation` must be a name (\"soft_relu\", \"relu\", ...), so the model's "
@@ -325,7 +330,7 @@ class NAFDensityModel(tf_keras.Model):
         name: str = "naf_density_model",
         support: "tuple[Any, Any] | None" = None,
         base_rate: "float | None" = None,
-        activation: str = "soft_relu",
+        activation: "str | None" = None,
         **kwargs,
     ):
         """Builds the model and all its weights.
@@ -338,8 +343,9 @@ class NAFDensityModel(tf_keras.Model):
             kept as a number in `get_config`; configs saved before it existed
             load with 0, as they were trained).
           activation: the MADEs' hidden activation, as for `make_flow`
-            (configs saved before it existed load with `"relu"`, as they were
-            trained).
+            (None: the default for the model, kept as its name in
+            `get_config`; configs saved before it existed load with
+            `"relu"`, as they were trained).
           dtype: float32 or float64, for the weights and the computation.
           name: model name.
           support: None (the density lives on all of R^D), or a pair
@@ -363,7 +369,7 @@ class NAFDensityModel(tf_keras.Model):
             conditional_size=None if conditional_size is None else int(conditional_size),
             context_units=None if context_units is None else int(context_units),
             base_rate=None if base_rate is None else float(base_rate),
-            activation=_activation_name(activation),
+            activation=_activation_name(activation, conditional_size is not None),
         )
         self.flow = make_flow(**self._flow_config, dtype=self.dtype, name="flow")
         # The rate the flows resolved `None` to, so `get_config` rebuilds the same model.
