@@ -2,8 +2,9 @@
 
 Every model is a chain of `num_flows` autoregressive layers with a reversal
 (`tfb.Permute`) between consecutive layers, on a standard-normal base, with
-a MADE conditioner of the given hidden units and ReLU activations (as the
-NAF's default):
+a MADE conditioner of the given hidden units (NAFs: the library's default
+activation, the learned-softness ReLU of unconditional flows; MAF and the
+spline flow: ReLU):
 
 * "naf-dsf", "naf-ddsf": `tfp_naf.NeuralAutoregressiveFlow` (forward maps data
   to noise, so the distribution uses `tfb.Invert` of the chain);
@@ -12,6 +13,7 @@ NAF's default):
 * "naf-ddsf-shared", "naf-ddsf-shared-ctx<C>": DDSF with shared, learned mixing
   matrices (`transformer="ddsf-shared"`, the original NAF code's form), with
   the full or the compact conditioner;
+* any of these with `-relu` appended ("naf-dsf-relu"): ReLU hidden units;
 * "maf": TFP's affine `tfb.MaskedAutoregressiveFlow` with
   `tfb.AutoregressiveNetwork(params=2)`, output layer scaled by 1e-2 (near-identity start);
 * "rqs": `tfb.MaskedAutoregressiveFlow` whose `bijector_fn` builds a
@@ -77,8 +79,10 @@ NAF_KWARGS: dict = {}
 def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
            conditional_size: "int | None" = None, name: str = "naf"):
     """One autoregressive layer and its conditioner."""
-    match = re.fullmatch(r"naf-(dsf|ddsf|ddsf-shared)(?:-ctx(\d+))?", model)
+    match = re.fullmatch(r"naf-(dsf|ddsf|ddsf-shared)(?:-ctx(\d+))?(-relu)?", model)
     if match:
+        # `-relu`: ReLU hidden units instead of the default (the learned-softness ReLU).
+        relu = {"activation": "relu"} if match.group(3) else {}
         naf = tfp_naf.NeuralAutoregressiveFlow(
             event_shape=[event_size],
             hidden_units=list(hidden_units),
@@ -88,7 +92,7 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
             conditional_event_shape=None if conditional_size is None else [conditional_size],
             dtype=dtype,
             name=name,
-            **NAF_KWARGS,
+            **{**NAF_KWARGS, **relu},
         )
         return naf, naf.conditioner
     if conditional_size is not None:
@@ -106,7 +110,8 @@ def _layer(model: str, event_size: int, hidden_units, num_units: int, dtype,
     if model == "rqs":
         fn = _SplineFn(event_size, hidden_units, SPLINE_BINS, SPLINE_BOUND)
         return tfb.MaskedAutoregressiveFlow(bijector_fn=fn), fn.made
-    raise ValueError(f"Unknown model {model!r}; expected one of {MODELS} or naf-*-ctx<C>.")
+    raise ValueError(
+        f"Unknown model {model!r}; expected one of {MODELS} or naf-*[-ctx<C>][-relu].")
 
 
 def build_flow(

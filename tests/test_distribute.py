@@ -150,9 +150,9 @@ def test_mirrored_fit_matches_single_device(runs, name):
     assert single["replicas"] == 1 and mirrored["replicas"] == 2
     # Built inside strategy.scope(): the flow's MADE weights, the standardisation and
     # the optimizer's slots are all mirrored, on both devices, and stay in sync.
-    # (2 flows x 2 MADE layers x kernel and bias, plus the conditional input layers, plus
-    # each flow's base parameters.)
-    assert mirrored["num_trainable"] == single["num_trainable"] == (10 if name == "plain" else 14)
+    # (2 flows x 2 MADE layers x kernel and bias, plus the unconditional flows' base
+    # parameters and activation softness, or the conditional flows' input layers.)
+    assert mirrored["num_trainable"] == single["num_trainable"] == (12 if name == "plain" else 14)
     assert mirrored["kinds"]["trainable"] == ["MirroredVariable"]
     assert mirrored["kinds"]["standardization"] == ["MirroredVariable"]
     assert mirrored["kinds"]["optimizer"] == ["MirroredVariable"]
