@@ -602,8 +602,14 @@ def call_conditioner(conditioner, x, conditional_input=None, offset=None):
     return theta if offset is None else theta + offset
 
 
+def _is_relu(activation_layer) -> bool:
+    """Whether a MADE's `Activation` layer applies a plain ReLU."""
+    fn = getattr(activation_layer, "activation", None)
+    return fn is tf_keras.activations.relu or fn is tf.nn.relu
+
+
 def _ready_passes(made, blocks) -> "list[np.ndarray] | None":
-    """Per hidden layer after the first, each unit's ready pass, or None if unknown.
+    """Per hidden layer, each unit's ready pass, or None if unknown.
 
     A MADE unit depends on the inputs its masks connect it to, through the
     layers before it. Unit `j` of a hidden layer is *ready* once every input
@@ -616,13 +622,12 @@ def _ready_passes(made, blocks) -> "list[np.ndarray] | None":
         return None
     ready = np.asarray(degrees, np.int64)
     out = []
-    for i, (mask, (dense, _)) in enumerate(zip(masks[:-1], blocks[:-1], strict=True)):
+    for mask, (dense, _) in zip(masks[:-1], blocks[:-1], strict=True):
         mask = np.asarray(mask, bool)
         if mask.shape != tuple(dense.kernel.shape):
             return None
         ready = np.max(np.where(mask, ready[:, np.newaxis], 0), axis=0, initial=0)
-        if i > 0:
-            out.append(ready)
+        out.append(ready)
     return out
 
 
@@ -642,13 +647,18 @@ def _units_by_dimension(ready, degrees) -> np.ndarray:
 def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | None":
     """The `IncrementalHead` of a MADE laid out as in `_made_layers`, with hidden layers.
 
-    The state also carries every later hidden layer's activations, each unit
+    The state also carries every hidden layer's activations, each unit
     computed once, at the pass where it becomes ready (`_ready_passes`): the
     inputs a unit depends on do not change after they are solved, and the
     units not yet ready meet the next outputs only through masked (zero)
-    weights. So a pass multiplies the previous layer by the few kernel columns
-    of the units that became ready, not by the whole kernel: with hidden
-    layers `[H, H]` and `D` inputs, about `H / D` columns instead of `H`.
+    weights. So a pass applies the activation to the few units that became
+    ready and multiplies them by their kernel columns, not the whole layer by
+    the whole kernel: with hidden layers `[H, H]` and `D` inputs, about `H / D`
+    units instead of `H`. The first layer's pre-activation is carried whole
+    (each pass adds the solved input's kernel row to it); its activations are
+    carried the same way unless the activation is a ReLU, cheaper to apply to
+    the whole layer than the placement of a few units (same-process A/B at
+    D = 43: sampling 0.87x with the learned-softness ReLU, 1.11x with ReLU).
     """
     layout = _made_layers(made)
     if layout is None or len(layout[0]) < 2:
@@ -657,30 +667,32 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
     (first, first_c), hidden, (out, out_c) = blocks[0], blocks[1:-1], blocks[-1]
     conditional = any(c_dense is not None for _, c_dense in blocks)
     event_size, num_params = int(made._event_size), int(made._params)
-    ready = _ready_passes(made, blocks) if hidden else []
+    ready = _ready_passes(made, blocks)
     if ready is None:
         return None
     degrees = _degrees(made)
     # NumPy, made tensors at each call: the head is cached across graphs.
-    # `slots` index the layer's units (`H` for an empty slot), `cols` its kernel.
+    # Per hidden layer, `slots` index its units (`H` for an empty slot), `cols` its kernel.
     slots = [_units_by_dimension(r, degrees).astype(np.int32) for r in ready]
     cols = [np.minimum(u, len(r) - 1) for u, r in zip(slots, ready, strict=True)]
 
-    def hidden_layers(pre, terms):
-        """Every later hidden layer's activations from the first's pre-activation."""
-        terms, hs, h = iter(terms), [], pre
-        for activation, (dense, c_dense) in zip(activations[:-1], hidden, strict=True):
+    def hidden_layers(h, terms):
+        """Every later hidden layer's activations from the first's activations `h`."""
+        terms, hs = iter(terms), []
+        for activation, (dense, c_dense) in zip(activations[1:], hidden, strict=True):
             if c_dense is None:
-                h = _affine(activation(h), dense)
+                z = _affine(h, dense)
             else:
-                h = tf.matmul(activation(h), dense.kernel) + next(terms)
+                z = tf.matmul(h, dense.kernel) + next(terms)
+            h = activation(z)
             hs.append(h)
-        return [activations[i + 1](h) for i, h in enumerate(hs)]
+        return hs
 
     def start(x, conditional_input=None):
         if not conditional:
             pre = first(x)
-            return pre, tuple(hidden_layers(pre, ()))
+            h = activations[0](pre)
+            return pre, (h, *hidden_layers(h, ()))
         if conditional_input is None:
             raise ValueError("This conditioner is conditional: give `conditional_input`.")
         c = conditional_input
@@ -688,32 +700,46 @@ def _made_incremental(made: tfb.AutoregressiveNetwork) -> "IncrementalHead | Non
         # Each later hidden layer's condition term, with its bias: `c V_l + b_l`.
         terms = tuple(tf.matmul(c, c_dense.kernel) + (dense.bias if dense.use_bias else 0.0)
                       for dense, c_dense in hidden if c_dense is not None)
-        return pre, tuple(hidden_layers(pre, terms)), terms, c
+        h = activations[0](pre)
+        return pre, (h, *hidden_layers(h, terms)), terms, c
 
     def params(state, d):
-        pre, hs = state[:2]
-        h = hs[-1] if hs else activations[-1](pre)
-        theta = _dimension_outputs(h, out, d, event_size, num_params)
+        theta = _dimension_outputs(state[1][-1], out, d, event_size, num_params)
         if out_c is not None:
             theta += _dimension_outputs(state[3], out_c, d, event_size, num_params)
         return theta
+
+    def with_ready(h, layer, d, z_of):
+        """`h` with the units of hidden layer `layer` that become ready at `d` set."""
+        slot = tf.gather(tf.constant(slots[layer]), d)
+        col = tf.gather(tf.constant(cols[layer]), d)
+        width = int(h.shape[-1])
+        z = z_of(col)
+        place = tf.one_hot(slot, width + 1, dtype=z.dtype)[:, :width]  # [m, H]
+        keep = 1.0 - tf.reduce_sum(place, axis=0)
+        return h * keep + tf.matmul(activations[layer](z), place)
+
+    carry_first = not _is_relu(activations[0])
 
     def update(state, d, x_d):
         pre, hs = state[:2]
         terms = iter(state[2] if conditional else ())
         pre = pre + x_d[:, tf.newaxis] * first.kernel[d]
-        h, new_hs = activations[0](pre), []
+        if carry_first:
+            h = with_ready(hs[0], 0, d, lambda col: tf.gather(pre, col, axis=1))
+        else:
+            h = activations[0](pre)
+        new_hs = [h]
         for i, (dense, c_dense) in enumerate(hidden):
-            slot, col = tf.gather(tf.constant(slots[i]), d), tf.gather(tf.constant(cols[i]), d)
-            width = dense.kernel.shape[-1]
-            z = tf.matmul(h, tf.gather(dense.kernel, col, axis=1))
-            if c_dense is not None:
-                z += tf.gather(next(terms), col, axis=1)
-            elif dense.use_bias:
-                z += tf.gather(dense.bias, col)
-            place = tf.one_hot(slot, width + 1, dtype=z.dtype)[:, :width]  # [m, H]
-            keep = 1.0 - tf.reduce_sum(place, axis=0)
-            h = hs[i] * keep + tf.matmul(activations[i + 1](z), place)
+            term = next(terms) if c_dense is not None else None
+
+            def z_of(col, h=h, dense=dense, term=term):
+                z = tf.matmul(h, tf.gather(dense.kernel, col, axis=1))
+                if term is not None:
+                    return z + tf.gather(term, col, axis=1)
+                return z + tf.gather(dense.bias, col) if dense.use_bias else z
+
+            h = with_ready(hs[i + 1], i + 1, d, z_of)
             new_hs.append(h)
         new_hs = tuple(new_hs)
         return (pre, new_hs) if not conditional else (pre, new_hs, *state[2:])
