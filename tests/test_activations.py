@@ -145,3 +145,8 @@ def test_model_folder_saved_before_the_activation_option_loads_with_relu(tmp_pat
     np.testing.assert_array_equal(loaded.log_prob(x), model.log_prob(x))
     with pytest.raises(TypeError, match="must be a name"):
         NAFDensityModel(event_size=2, num_flows=1, hidden_units=[8], activation=tf.nn.relu)
+    for build in (lambda: NAFDensityModel(event_size=2, num_flows=1, activation="sofrelu"),
+                  lambda: NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[8],
+                                                   activation="sofrelu")):
+        with pytest.raises(ValueError, match="Unknown activation 'sofrelu'"):
+            build()

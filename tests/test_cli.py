@@ -214,6 +214,10 @@ def test_bad_input(tmp_path, capsys):
             main(["fit", str(good), "--out", str(model), "--base-rate", bad])
         assert e.value.code == 2
         assert "--base-rate: must be finite and >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(good), "--out", str(model), "--activation", "sofrelu"])
+    assert e.value.code == 2
+    assert "--activation: Unknown activation 'sofrelu'" in capsys.readouterr().err
 
 
 def test_interrupted_model_write_leaves_the_old_folder_whole(tmp_path, capsys, monkeypatch):

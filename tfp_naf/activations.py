@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-__all__ = ["DEFAULT_SOFTNESS", "SoftReLU", "default_activation", "resolve"]
+__all__ = ["DEFAULT_SOFTNESS", "SoftReLU", "check_name", "default_activation", "resolve"]
 
 # The softness a `SoftReLU` starts at, in the MADE's pre-activation units (its
 # inputs are standardised data). Chosen on validation data over 0.02, 0.05 and 0.2
@@ -93,6 +93,18 @@ class SoftReLU(tf_keras.layers.Layer):
         return dict(super().get_config(), initial_softness=self._initial_softness)
 
 
+def check_name(name: str) -> str:
+    """`name` if it names an activation (`"soft_relu"` or a Keras one), else a `ValueError`."""
+    if name != "soft_relu":
+        try:
+            tf_keras.activations.get(name)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"Unknown activation {name!r}: use \"soft_relu\" or a Keras activation name "
+                "such as \"relu\".") from None
+    return name
+
+
 def default_activation(conditional: bool) -> str:
     """The built MADEs' default: `"soft_relu"`, or `"relu"` for a conditional
     flow (each chosen on validation data, benchmarks/README.md)."""
@@ -105,6 +117,6 @@ def resolve(activation, dtype, conditional: bool = False):
     names, callables)."""
     if activation is None:
         activation = default_activation(conditional)
-    if isinstance(activation, str) and activation == "soft_relu":
+    if isinstance(activation, str) and check_name(activation) == "soft_relu":
         return SoftReLU(dtype=tf.as_dtype(dtype).name, name="soft_relu")
     return activation

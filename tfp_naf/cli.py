@@ -112,6 +112,16 @@ def _non_negative(text):
     return value
 
 
+def _activation(text):
+    """An activation name (checked against Keras', which imports TensorFlow: only when given)."""
+    from tfp_naf.activations import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parse_bounds(text: str) -> "tuple[float, float]":
     """`LOW,HIGH` (numbers; `-inf` / `inf` for an unbounded side) as two floats."""
     try:
@@ -180,7 +190,7 @@ def _add_model_options(p: argparse.ArgumentParser, flows: int, hidden: str, unit
                    help="learning-rate factor of each flow's unconditioned base parameters "
                         "(theta = MADE(x) + R * beta); 0 for none (default: the library's, "
                         "tfp_naf.flow.DEFAULT_BASE_RATE)")
-    g.add_argument("--activation", default=None, metavar="NAME",
+    g.add_argument("--activation", type=_activation, default=None, metavar="NAME",
                    help="the MADEs' hidden activation: soft_relu (a ReLU with a learned "
                         "softness) or a Keras activation name such as relu (default: "
                         "soft_relu, or relu for a conditional model)")

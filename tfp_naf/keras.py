@@ -181,7 +181,7 @@ def _activation_name(activation, conditional: bool) -> str:
         raise TypeError(
             "`activation` must be a name (\"soft_relu\", \"relu\", ...), so the model's "
             f"config can be saved; got {activation!r}.")
-    return activation
+    return activations.check_name(activation)
 
 
 def with_config_defaults(config: "dict[str, Any]") -> "dict[str, Any]":
