@@ -21,8 +21,8 @@ import tf_keras
 __all__ = ["DEFAULT_SOFTNESS", "SoftReLU", "check_name", "default_activation", "resolve"]
 
 # The softness a `SoftReLU` starts at, in the MADE's pre-activation units (its
-# inputs are standardised data). Chosen on validation data over 0.02, 0.05 and 0.2
-# (benchmarks/README.md).
+# inputs are standardised data). Chosen on validation data over 0.02, 0.05, 0.1 and
+# 0.2 (benchmarks/README.md).
 DEFAULT_SOFTNESS = 0.05
 
 # The learned log-softness offset `r` is clipped to this range, so `s` stays in
@@ -48,6 +48,7 @@ class SoftReLU(tf_keras.layers.Layer):
     #### Examples
 
     ```python
+    import tensorflow as tf
     import tensorflow_probability as tfp
     from tfp_naf.activations import SoftReLU
 
