@@ -41,6 +41,9 @@ def test_demo_writes_png_metrics_and_model(tmp_path, capsys):
     assert 2.0 < metrics["test_nll"] < 6.0 and 2.0 < metrics["train_nll"] < 6.0
     assert (out / "model" / "config.json").is_file()
     assert "test NLL" in stdout
+    # stdout is not a terminal here: one line per epoch, not Keras' redrawn bar.
+    assert "[=" not in stdout and "ETA" not in stdout, stdout
+    assert any(line.startswith("20/20 - ") for line in stdout.splitlines()), stdout
 
 
 @pytest.fixture(scope="module")

@@ -334,6 +334,17 @@ def _check_columns(n_columns: int, layout: dict, path: Path) -> None:
         )
 
 
+def _fit_verbosity(quiet: bool) -> int:
+    """Keras' `verbose` for `fit`: nothing when quiet, the progress bar on a terminal,
+    else one line per epoch (the bar, redrawn without a terminal, floods logs)."""
+    if quiet:
+        return 0
+    try:
+        return 1 if sys.stdout.isatty() else 2
+    except (AttributeError, ValueError):  # A replaced or closed stdout.
+        return 2
+
+
 def _fit_callbacks(tf_keras, has_validation: bool, patience: int):
     callbacks = [tf_keras.callbacks.TerminateOnNaN()]
     if has_validation:
@@ -542,7 +553,7 @@ def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]", support
     history = model.fit(
         train, epochs=args.epochs, validation_data=validation,
         callbacks=_fit_callbacks(tf_keras, n_val > 0, args.patience),
-        verbose=0 if args.quiet else "auto",
+        verbose=_fit_verbosity(args.quiet),
     )
     seconds = time.perf_counter() - start
 
@@ -735,7 +746,8 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
                         validation_data=(test,), validation_batch_size=5000,
-                        callbacks=[tf_keras.callbacks.TerminateOnNaN()], verbose="auto")
+                        callbacks=[tf_keras.callbacks.TerminateOnNaN()],
+                        verbose=_fit_verbosity(False))
     fit_seconds = time.perf_counter() - start
     samples = model.sample(len(test), seed=args.seed).numpy()
     metrics = {
