@@ -357,7 +357,6 @@ def test_flow_built_mades_spread_their_hidden_biases(conditional, context_units,
     so the first layer's ReLU kinks do not all sit at the origin; the output layer and the
     conditional layers are left alone."""
     monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 1.0)
-    monkeypatch.setattr(conditioners, "CONDITIONAL_HIDDEN_BIAS_SCALE", 1.0)
     kwargs = dict(conditional_event_shape=[3]) if conditional else {}
     naf = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[32, 32], num_units=4,
                                    context_units=context_units, **kwargs)
@@ -377,28 +376,11 @@ def test_flow_built_mades_spread_their_hidden_biases(conditional, context_units,
         assert np.all(np.isfinite(bias))
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_hidden_bias_scale_zero_keeps_keras_zeros(conditional, monkeypatch):
-    name = "CONDITIONAL_HIDDEN_BIAS_SCALE" if conditional else "HIDDEN_BIAS_SCALE"
-    monkeypatch.setattr(conditioners, name, 0.0)
-    kwargs = dict(conditional_event_shape=[2]) if conditional else {}
-    naf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4, **kwargs)
+def test_hidden_bias_scale_zero_keeps_keras_zeros(monkeypatch):
+    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 0.0)
+    naf = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4)
     hidden, _ = _hidden_and_output_denses(naf.conditioner)
     assert hidden and all(np.all(layer.bias.numpy() == 0.0) for layer in hidden)
-
-
-def test_flows_draw_their_own_hidden_bias_scale(monkeypatch):
-    """Unconditional and conditional flows read their own scale: each scale reaches only
-    its kind of flow."""
-    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 0.0)
-    monkeypatch.setattr(conditioners, "CONDITIONAL_HIDDEN_BIAS_SCALE", 1.0)
-    plain = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4)
-    conditional = NeuralAutoregressiveFlow(event_shape=[3], hidden_units=[8], num_units=4,
-                                           conditional_event_shape=[2])
-    plain_hidden, _ = _hidden_and_output_denses(plain.conditioner)
-    cond_hidden, _ = _hidden_and_output_denses(conditional.conditioner)
-    assert all(np.all(layer.bias.numpy() == 0.0) for layer in plain_hidden)
-    assert all(np.std(layer.bias.numpy()) > 0.0 for layer in cond_hidden)
 
 
 def test_spread_hidden_biases_keeps_the_autoregressive_structure():

@@ -37,17 +37,13 @@ OUTPUT_INIT_SCALE = 0.3
 
 # Scale `s` of the hidden layers' initial biases in the MADEs a flow builds,
 # `U(-s, s) / sqrt(fan_in)` (PyTorch's default bias initialisation at `s = 1`); 0 keeps
-# Keras' zeros. With zero biases every unit of the first hidden layer has its kink on a
+# Keras' zeros. With zero biases every ReLU of the first hidden layer has its kink on a
 # hyperplane through the origin, and so, at the start, does the whole network: in 2-D the
-# second dimension's conditioner bends only at `x_1 = 0`. Spread kinks learn pinwheel
-# faster (-0.015 nats on validation) and are level elsewhere against a control that draws
-# the same random numbers at scale ~0: drawing them changes every later initial weight
-# and batch, which alone moved the earlier, unmatched comparisons by as much as the
-# biases did (benchmarks/README.md, "The MADE's hidden biases, against a matched
-# control"). Conditional flows were level, so they keep Keras' zeros
-# (`CONDITIONAL_HIDDEN_BIAS_SCALE`). Both are read when a flow builds its conditioner.
-HIDDEN_BIAS_SCALE = 1.0
-CONDITIONAL_HIDDEN_BIAS_SCALE = 0.0
+# second dimension's conditioner is piecewise linear in `x_1` with its only kink at 0.
+# Spread kinks learn pinwheel faster but lose checkerboard and 2spirals on validation
+# (benchmarks/README.md, "The MADE's hidden biases"), so the default stays 0. Read when a
+# flow builds its conditioner.
+HIDDEN_BIAS_SCALE = 0.0
 
 __all__ = [
     "add_to_first_offsets",

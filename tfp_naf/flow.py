@@ -368,8 +368,6 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
         if len(event_shape) != 1:
             raise ValueError(f"`event_shape` must be [D]; got {event_shape}.")
         conditional_event_shape = _as_shape(conditional_event_shape)
-        bias_scale = (conditioners.CONDITIONAL_HIDDEN_BIAS_SCALE
-                      if conditional_event_shape is not None else None)
         options = dict(
             event_shape=event_shape,
             hidden_units=list(hidden_units or []),
@@ -387,14 +385,14 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             made.build((None, event_shape[-1]))
             conditioners.match_dtype(made)
             conditioners.shrink_output_layer(made, offset=initial_params)
-            conditioners.spread_hidden_biases(made, bias_scale)
+            conditioners.spread_hidden_biases(made)
             return made
         net = conditioners.CompactAutoregressiveNetwork(
             params=num_params, context_units=context_units, initial_params=initial_params,
             **options
         )
         net.build((None, event_shape[-1]))
-        conditioners.spread_hidden_biases(net, bias_scale)
+        conditioners.spread_hidden_biases(net)
         return net
 
     @staticmethod
