@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfp_naf.progress import Progress
+from tfp_naf.progress import Progress, is_terminal
 from tfp_naf.tables import DEFAULT_CHUNK_ROWS, TableError, TableWriter, open_table, spool_table
 
 __all__ = ["main"]
@@ -339,10 +339,7 @@ def _fit_verbosity(quiet: bool) -> int:
     else one line per epoch (the bar, redrawn without a terminal, floods logs)."""
     if quiet:
         return 0
-    try:
-        return 1 if sys.stdout.isatty() else 2
-    except (AttributeError, ValueError):  # A replaced or closed stdout.
-        return 2
+    return 1 if is_terminal(sys.stdout) else 2
 
 
 def _fit_callbacks(tf_keras, has_validation: bool, patience: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "is_terminal"]
 
 
 def _duration(seconds: float) -> str:
@@ -25,6 +25,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
+def is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal (False for a replaced or closed stream)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class Progress:
     """Rows done out of `total` (None: unknown), drawn on `stream` (default stderr)."""
 
@@ -32,11 +40,7 @@ class Progress:
                  delay: float = 1.0, interval: float = 0.25):
         self.total, self.label = total, label
         self.stream = sys.stderr if stream is None else stream
-        try:
-            tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            tty = False
-        self.enabled = enabled and tty
+        self.enabled = enabled and is_terminal(self.stream)
         self.delay, self.interval = delay, interval
         self.start = time.perf_counter()
         self._last = 0.0
