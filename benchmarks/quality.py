@@ -392,8 +392,9 @@ def main(argv=None) -> "list[dict]":
                              "their unconditioned base parameters (library default "
                              f"{DEFAULT_BASE_RATE:g}; 0: none)")
     parser.add_argument("--hidden-bias-scale", type=float, default=None,
-                        help="diagnostic: scale of the flow-built MADEs' initial hidden biases, "
-                             "U(-s, s) / sqrt(fan_in) (conditioners.HIDDEN_BIAS_SCALE)")
+                        help="diagnostic: scale of the flow-built MADEs' initial first-layer "
+                             "biases, U(-s, s) / sqrt(fan_in), conditional ones included "
+                             "(conditioners.HIDDEN_BIAS_SCALE, CONDITIONAL_HIDDEN_BIAS_SCALE)")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
@@ -428,6 +429,7 @@ def main(argv=None) -> "list[dict]":
         conditioners.OUTPUT_INIT_SCALE = args.output_init_scale
     if args.hidden_bias_scale is not None:
         conditioners.HIDDEN_BIAS_SCALE = args.hidden_bias_scale
+        conditioners.CONDITIONAL_HIDDEN_BIAS_SCALE = args.hidden_bias_scale
     if args.param_scale is not None:
         _scale_pseudo_parameters(args.param_scale)
     names = [n for n in args.datasets.split(",") if n]

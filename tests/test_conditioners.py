@@ -352,28 +352,43 @@ def _hidden_and_output_denses(made):
 
 @pytest.mark.parametrize("conditional, context_units", [(False, None), (True, None),
                                                         (False, 4)])
-def test_flow_built_mades_spread_their_hidden_biases(conditional, context_units, monkeypatch):
-    """With `HIDDEN_BIAS_SCALE > 0` the hidden biases are drawn within `scale / sqrt(fan_in)`,
-    so the first layer's ReLU kinks do not all sit at the origin; the output layer and the
-    conditional layers are left alone."""
-    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 1.0)
+def test_flow_built_mades_spread_their_first_hidden_biases(conditional, context_units,
+                                                           monkeypatch):
+    """With a scale > 0 the first hidden layer's biases are drawn within `scale / sqrt(fan_in)`,
+    so its ReLU kinks do not all sit at the origin; later hidden layers keep Keras' zeros, and
+    the output layer and the conditional layers are left alone."""
+    name = "CONDITIONAL_HIDDEN_BIAS_SCALE" if conditional else "HIDDEN_BIAS_SCALE"
+    monkeypatch.setattr(conditioners, name, 1.0)
     kwargs = dict(conditional_event_shape=[3]) if conditional else {}
     naf = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[32, 32], num_units=4,
                                    context_units=context_units, **kwargs)
     hidden, output = _hidden_and_output_denses(naf.conditioner)
     assert len(hidden) == 2
-    for layer in hidden:
-        bias = layer.bias.numpy()
-        bound = conditioners.HIDDEN_BIAS_SCALE / np.sqrt(layer.kernel.shape[0])
-        assert np.all(np.abs(bias) <= bound) and np.std(bias) > 0.2 * bound
+    first, second = hidden
+    bias = first.bias.numpy()
+    bound = 1.0 / np.sqrt(first.kernel.shape[0])
+    assert np.all(np.abs(bias) <= bound) and np.std(bias) > 0.2 * bound
+    assert np.all(second.bias.numpy() == 0.0)
     # The units fed by x_1 (the only input seen) have their kinks spread out along it.
-    first = hidden[0]
     w, b = first.kernel.numpy()[0], first.bias.numpy()
     kinks = -b[w != 0] / w[w != 0]
     assert np.std(kinks) > 0.1
     if context_units is None:  # The output layer keeps its own scaled start.
         bias = conditioners._biased_output_layer(output).bias.numpy()
         assert np.all(np.isfinite(bias))
+
+
+def test_conditional_and_unconditional_scales_are_separate(monkeypatch):
+    """Each kind of flow reads its own scale: zero for one keeps every hidden bias at zero."""
+    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_SCALE", 1.0)
+    monkeypatch.setattr(conditioners, "CONDITIONAL_HIDDEN_BIAS_SCALE", 0.0)
+    conditional = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[8], num_units=4,
+                                           conditional_event_shape=[3])
+    hidden, _ = _hidden_and_output_denses(conditional.conditioner)
+    assert hidden and all(np.all(layer.bias.numpy() == 0.0) for layer in hidden)
+    plain = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[8], num_units=4)
+    hidden, _ = _hidden_and_output_denses(plain.conditioner)
+    assert np.any(hidden[0].bias.numpy() != 0.0)
 
 
 def test_hidden_bias_scale_zero_keeps_keras_zeros(monkeypatch):

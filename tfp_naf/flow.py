@@ -380,19 +380,22 @@ class NeuralAutoregressiveFlow(tfb.Bijector):
             conditional_input_layers=conditional_input_layers,
             dtype=tf.as_dtype(dtype).name,
         )
+        bias_scale = (conditioners.CONDITIONAL_HIDDEN_BIAS_SCALE
+                      if conditional_event_shape is not None
+                      else conditioners.HIDDEN_BIAS_SCALE)
         if context_units is None:
             made = tfb.AutoregressiveNetwork(params=num_params, **options)
             made.build((None, event_shape[-1]))
             conditioners.match_dtype(made)
             conditioners.shrink_output_layer(made, offset=initial_params)
-            conditioners.spread_hidden_biases(made)
+            conditioners.spread_hidden_biases(made, bias_scale)
             return made
         net = conditioners.CompactAutoregressiveNetwork(
             params=num_params, context_units=context_units, initial_params=initial_params,
             **options
         )
         net.build((None, event_shape[-1]))
-        conditioners.spread_hidden_biases(net)
+        conditioners.spread_hidden_biases(net, bias_scale)
         return net
 
     @staticmethod
