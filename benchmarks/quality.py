@@ -395,6 +395,9 @@ def main(argv=None) -> "list[dict]":
                         help="diagnostic: scale of the flow-built MADEs' initial first-layer "
                              "biases, U(-s, s) / sqrt(fan_in), conditional ones included "
                              "(conditioners.HIDDEN_BIAS_SCALE, CONDITIONAL_HIDDEN_BIAS_SCALE)")
+    parser.add_argument("--hidden-bias-fraction", type=float, default=None,
+                        help="diagnostic: fraction of the first layer's units whose biases "
+                             "are spread (conditioners.HIDDEN_BIAS_FRACTION)")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
@@ -430,6 +433,8 @@ def main(argv=None) -> "list[dict]":
     if args.hidden_bias_scale is not None:
         conditioners.HIDDEN_BIAS_SCALE = args.hidden_bias_scale
         conditioners.CONDITIONAL_HIDDEN_BIAS_SCALE = args.hidden_bias_scale
+    if args.hidden_bias_fraction is not None:
+        conditioners.HIDDEN_BIAS_FRACTION = args.hidden_bias_fraction
     if args.param_scale is not None:
         _scale_pseudo_parameters(args.param_scale)
     names = [n for n in args.datasets.split(",") if n]

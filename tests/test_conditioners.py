@@ -367,10 +367,13 @@ def test_flow_built_mades_spread_their_first_hidden_biases(conditional, context_
     first, second = hidden
     bias = first.bias.numpy()
     bound = 1.0 / np.sqrt(first.kernel.shape[0])
-    assert np.all(np.abs(bias) <= bound) and np.std(bias) > 0.2 * bound
+    # Every other unit (HIDDEN_BIAS_FRACTION = 1/2) is spread, the others keep zero.
+    spread = bias[1::2]
+    assert np.all(np.abs(bias) <= bound) and np.std(spread) > 0.2 * bound
+    assert np.all(spread != 0.0) and np.all(bias[0::2] == 0.0)
     assert np.all(second.bias.numpy() == 0.0)
     # The units fed by x_1 (the only input seen) have their kinks spread out along it.
-    w, b = first.kernel.numpy()[0], first.bias.numpy()
+    w, b = first.kernel.numpy()[0, 1::2], spread
     kinks = -b[w != 0] / w[w != 0]
     assert np.std(kinks) > 0.1
     if context_units is None:  # The output layer keeps its own scaled start.
@@ -413,3 +416,20 @@ def test_spread_hidden_biases_keeps_the_autoregressive_structure():
         assert np.all(grad[:, i:] == 0.0)
     with pytest.raises(ValueError, match="scale"):
         conditioners.spread_hidden_biases(made, scale=-1.0)
+    with pytest.raises(ValueError, match="fraction"):
+        conditioners.spread_hidden_biases(made, fraction=1.5)
+
+
+@pytest.mark.parametrize("fraction, expected", [(0.0, 0), (0.25, 4), (0.5, 8), (1.0, 16)])
+def test_spread_fraction_interleaves_the_units(fraction, expected):
+    """`fraction` of the first layer's units are spread, spaced evenly over its units (whose
+    MADE degrees are sorted), whatever the draw; the other layers keep zeros."""
+    made = tfp.bijectors.AutoregressiveNetwork(params=2, event_shape=[5], hidden_units=[16, 16])
+    made.build((None, 5))
+    conditioners.spread_hidden_biases(made, scale=1.0, seed=0, fraction=fraction)
+    first, second = _hidden_and_output_denses(made)[0]
+    spread = np.flatnonzero(first.bias.numpy())
+    assert len(spread) == expected
+    if expected > 1:  # Evenly spaced: the gaps differ by at most one unit.
+        assert np.ptp(np.diff(spread)) <= 1 and spread[-1] == 15
+    assert np.all(second.bias.numpy() == 0.0)

@@ -43,9 +43,13 @@ OUTPUT_INIT_SCALE = 0.3
 # Spreading the first layer's kinks learns pinwheel faster and is level elsewhere on
 # validation, against a control drawing the same random numbers; spreading every hidden
 # layer's loses SLCP (benchmarks/README.md, "The MADE's hidden biases, against a matched
-# control"). Conditional MADEs keep zeros (`CONDITIONAL_HIDDEN_BIAS_SCALE`): no gain was
-# measured on the conditional task. Both are read when a flow builds its conditioner.
+# control"). Only a fraction `HIDDEN_BIAS_FRACTION` of the units, interleaved, is spread: the
+# others keep their kinks at the origin, which checkerboard prefers, and pinwheel keeps its
+# gain ("Half of the first layer's units"). Conditional MADEs keep zeros
+# (`CONDITIONAL_HIDDEN_BIAS_SCALE`): no gain was measured on the conditional task. All three
+# are read when a flow builds its conditioner.
 HIDDEN_BIAS_SCALE = 1.0
+HIDDEN_BIAS_FRACTION = 0.5
 CONDITIONAL_HIDDEN_BIAS_SCALE = 0.0
 
 __all__ = [
@@ -270,17 +274,24 @@ def shrink_output_layer(
         layer.bias.assign_add(np.tile(offset, layer.bias.shape[0] // offset.shape[0]))
 
 
-def spread_hidden_biases(made, scale: "float | None" = None, seed=None) -> None:
+def spread_hidden_biases(made, scale: "float | None" = None, seed=None,
+                         fraction: "float | None" = None) -> None:
     """Draws the first hidden layer's biases of a built MADE, `U(-scale, scale) / sqrt(fan_in)`.
 
     ```none
     h_1 = relu(x @ (M_1 * W_1) + b_1),    b_1 ~ U(-scale, scale) / sqrt(D_in)
     ```
 
-    so the first layer's ReLU kinks `x @ (M_1 * W_1) = -b_1` do not all pass
-    through the origin. `scale` defaults to `HIDDEN_BIAS_SCALE`, read at call
-    time; `fan_in` is the layer's number of inputs (its kernel's rows, masked or
-    not). The first hidden layer is the first biased Dense layer: later hidden
+    for a `fraction` of its units (the others keep zero), so the first layer's
+    ReLU kinks `x @ (M_1 * W_1) = -b_1` do not all pass through the origin. The
+    spread units are interleaved, unit `j` of `n` when `floor((j + 1) f) >
+    floor(j f)` (every other one at `f = 1/2`), so every degree of the MADE's
+    sorted hidden degrees gets some. `scale` and `fraction` default to
+    `HIDDEN_BIAS_SCALE` and `HIDDEN_BIAS_FRACTION`, read at call time; `fan_in`
+    is the layer's number of inputs (its kernel's rows, masked or not). The
+    random draw is the whole layer's whatever the fraction.
+
+    The first hidden layer is the first biased Dense layer: later hidden
     layers, the output layer (see `shrink_output_layer`) and a conditional
     MADE's bias-free conditional layers are left alone. For a
     `CompactAutoregressiveNetwork`, its inner MADE's. Keeps the autoregressive
@@ -288,8 +299,11 @@ def spread_hidden_biases(made, scale: "float | None" = None, seed=None) -> None:
     already.
     """
     scale = HIDDEN_BIAS_SCALE if scale is None else float(scale)
+    fraction = HIDDEN_BIAS_FRACTION if fraction is None else float(fraction)
     if not np.isfinite(scale) or scale < 0.0:
         raise ValueError(f"`scale` must be finite and >= 0; got {scale}.")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"`fraction` must be in [0, 1]; got {fraction}.")
     made = getattr(made, "made", made)
     network = getattr(made, "_network", None)
     if network is None:
@@ -308,7 +322,9 @@ def spread_hidden_biases(made, scale: "float | None" = None, seed=None) -> None:
     shape = layer.bias.shape
     unit = (gen.uniform(shape, -1.0, 1.0, dtype=dtype) if gen is not None
             else tf.random.uniform(shape, -1.0, 1.0, dtype=dtype))
-    layer.bias.assign(bound * unit)
+    j = np.arange(int(shape[0]))
+    spread = np.floor((j + 1) * fraction) > np.floor(j * fraction)
+    layer.bias.assign(bound * unit * tf.constant(spread, dtype))
 
 
 def _output_denses(network) -> list:
