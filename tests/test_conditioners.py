@@ -359,6 +359,7 @@ def test_flow_built_mades_spread_their_first_hidden_biases(conditional, context_
     the output layer and the conditional layers are left alone."""
     name = "CONDITIONAL_HIDDEN_BIAS_SCALE" if conditional else "HIDDEN_BIAS_SCALE"
     monkeypatch.setattr(conditioners, name, 1.0)
+    monkeypatch.setattr(conditioners, "HIDDEN_BIAS_FRACTION", 0.5)
     kwargs = dict(conditional_event_shape=[3]) if conditional else {}
     naf = NeuralAutoregressiveFlow(event_shape=[2], hidden_units=[32, 32], num_units=4,
                                    context_units=context_units, **kwargs)
@@ -367,7 +368,7 @@ def test_flow_built_mades_spread_their_first_hidden_biases(conditional, context_
     first, second = hidden
     bias = first.bias.numpy()
     bound = 1.0 / np.sqrt(first.kernel.shape[0])
-    # Every other unit (HIDDEN_BIAS_FRACTION = 1/2) is spread, the others keep zero.
+    # Every other unit (a fraction of 1/2) is spread, the others keep zero.
     spread = bias[1::2]
     assert np.all(np.abs(bias) <= bound) and np.std(spread) > 0.2 * bound
     assert np.all(spread != 0.0) and np.all(bias[0::2] == 0.0)

@@ -6,7 +6,8 @@ bias draws) is `../soft_relu/select_sr05*.json` for seeds 0-7 and the best valid
 of its fresh-seed test runs (`results/final/quality_fresh_*.json`) for seeds 10-12; `s = 1`
 is `select_fl10*.json` (seeds 0-7) and the validation of the new default's test runs
 (`results/final/quality_first_bias_*.json`, seeds 0-2 and 10-12, where a seed is in both, the
-screen's run, which the library reproduces to the digit). Each further file is a variant.
+screen's run, which the library reproduces to the digit). Each further file is a variant,
+paired with both.
 """
 
 import glob
@@ -39,15 +40,19 @@ def main(files) -> None:
         spread.setdefault(key, value)
     variants = {"s=1": spread}
     variants.update({Path(f).stem.removeprefix("select_"): _rows(f) for f in files})
+    references = {"before": default, "s=1": spread}
     for name, rows in variants.items():
-        for ds in ["pinwheel", "checkerboard", "2spirals", "8gaussians"]:
-            seeds = sorted(s for (d, s) in rows if d == ds and (d, s) in default)
-            if not seeds:
+        for ref_name, ref in references.items():
+            if ref is rows:
                 continue
-            d = np.array([rows[(ds, s)] - default[(ds, s)] for s in seeds])
-            se = d.std(ddof=1) / np.sqrt(len(d))
-            print(f"{name:8s} {ds:13s} {d.mean():+.4f} ± {se:.4f} ({len(d)}) seeds {seeds}")
-
+            for ds in ["pinwheel", "checkerboard", "2spirals", "8gaussians"]:
+                seeds = sorted(s for (d, s) in rows if d == ds and (d, s) in ref)
+                if len(seeds) < 2:
+                    continue
+                d = np.array([rows[(ds, s)] - ref[(ds, s)] for s in seeds])
+                se = d.std(ddof=1) / np.sqrt(len(d))
+                print(f"{name:8s} - {ref_name:6s} {ds:13s} {d.mean():+.4f} ± {se:.4f} "
+                      f"({len(d)}) seeds {seeds}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
