@@ -393,11 +393,13 @@ def main(argv=None) -> "list[dict]":
                              f"{DEFAULT_BASE_RATE:g}; 0: none)")
     parser.add_argument("--hidden-bias-scale", type=float, default=None,
                         help="diagnostic: scale of the flow-built MADEs' initial first-layer "
-                             "biases, U(-s, s) / sqrt(fan_in), conditional ones included "
-                             "(conditioners.HIDDEN_BIAS_SCALE, CONDITIONAL_HIDDEN_BIAS_SCALE)")
+                             "biases, U(-s, s) / sqrt(fan_in), conditional flows' too (library "
+                             f"default {conditioners.HIDDEN_BIAS_SCALE:g}, conditional "
+                             f"{conditioners.CONDITIONAL_HIDDEN_BIAS_SCALE:g})")
     parser.add_argument("--hidden-bias-fraction", type=float, default=None,
                         help="diagnostic: fraction of the first layer's units whose biases "
-                             "are spread (conditioners.HIDDEN_BIAS_FRACTION)")
+                             "are spread, interleaved (library default "
+                             f"{conditioners.HIDDEN_BIAS_FRACTION:g})")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra- and inter-op threads (the independent "
                              "harness used 1)")
