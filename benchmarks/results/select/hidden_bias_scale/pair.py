@@ -1,0 +1,50 @@
+"""Validation NLL of `--hidden-bias-scale S` runs, paired by seed with the default (scale 1).
+
+Run from the repository root: `python benchmarks/results/select/hidden_bias_scale/pair.py
+FILE [FILE ...]` (each a `select_*.json` of `benchmarks.quality --evaluate-on validation`).
+The default's value for a seed is its screen run where there is one (`../hidden_bias_first_layer/
+select_fl10*.json`, which the library reproduces to the digit) and otherwise the best validation
+check of its test runs (`results/final/quality_first_bias_*.json`, seeds 0-2 and 10-12).
+"""
+
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path("benchmarks/results")
+
+
+def _rows(pattern: str, from_history: bool = False) -> dict:
+    out = {}
+    for name in sorted(glob.glob(pattern)):
+        for r in json.loads(Path(name).read_text()):
+            value = (min(v for _, v in r["valid_history"]) if from_history
+                     else r["test_nll"])
+            out.setdefault((r["dataset"], r["seed"]), value)
+    return out
+
+
+def main(files) -> None:
+    default = _rows(str(RESULTS / "select" / "hidden_bias_first_layer" / "select_fl10*.json"))
+    for key, value in _rows(str(RESULTS / "final" / "quality_first_bias_*.json"),
+                            from_history=True).items():
+        default.setdefault(key, value)
+    rows = {}
+    for f in files:
+        for key, value in _rows(f).items():
+            rows.setdefault(key, value)
+    for ds in sorted({d for d, _ in rows}):
+        seeds = sorted(s for (d, s) in rows if d == ds and (d, s) in default)
+        if len(seeds) < 2:
+            continue
+        d = np.array([rows[(ds, s)] - default[(ds, s)] for s in seeds])
+        se = d.std(ddof=1) / np.sqrt(len(d))
+        print(f"{ds:13s} {d.mean():+.4f} ± {se:.4f} ({len(d)}, {int((d < 0).sum())} better) "
+              f"seeds {seeds}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
