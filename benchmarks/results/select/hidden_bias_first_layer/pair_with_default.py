@@ -31,13 +31,19 @@ def _rows(pattern: str, from_history: bool = False) -> dict:
     return out
 
 
-def main(files) -> None:
-    default = _rows(str(RESULTS / "select" / "soft_relu" / "select_sr05*.json"))
-    default.update(_rows(str(RESULTS / "final" / "quality_fresh_*.json"), from_history=True))
+def spread_default() -> dict:
+    """Validation NLL of the default `s = 1` by (dataset, seed): screens first, then test runs."""
     spread = _rows(str(HERE / "select_fl10*.json"))
     for key, value in _rows(str(RESULTS / "final" / "quality_first_bias_*.json"),
                             from_history=True).items():
         spread.setdefault(key, value)
+    return spread
+
+
+def main(files) -> None:
+    default = _rows(str(RESULTS / "select" / "soft_relu" / "select_sr05*.json"))
+    default.update(_rows(str(RESULTS / "final" / "quality_fresh_*.json"), from_history=True))
+    spread = spread_default()
     variants = {"s=1": spread}
     variants.update({Path(f).stem.removeprefix("select_"): _rows(f) for f in files})
     references = {"before": default, "s=1": spread}

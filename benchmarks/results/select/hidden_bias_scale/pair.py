@@ -7,31 +7,17 @@ select_fl10*.json`, which the library reproduces to the digit) and otherwise the
 check of its test runs (`results/final/quality_first_bias_*.json`, seeds 0-2 and 10-12).
 """
 
-import glob
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path("benchmarks/results")
-
-
-def _rows(pattern: str, from_history: bool = False) -> dict:
-    out = {}
-    for name in sorted(glob.glob(pattern)):
-        for r in json.loads(Path(name).read_text()):
-            value = (min(v for _, v in r["valid_history"]) if from_history
-                     else r["test_nll"])
-            out.setdefault((r["dataset"], r["seed"]), value)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "hidden_bias_first_layer"))
+from pair_with_default import _rows, spread_default  # noqa: E402
 
 
 def main(files) -> None:
-    default = _rows(str(RESULTS / "select" / "hidden_bias_first_layer" / "select_fl10*.json"))
-    for key, value in _rows(str(RESULTS / "final" / "quality_first_bias_*.json"),
-                            from_history=True).items():
-        default.setdefault(key, value)
+    default = spread_default()
     rows = {}
     for f in files:
         for key, value in _rows(f).items():
