@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from benchmarks.speed import round_robin_seconds
 from tfp_naf import DeepDenseSigmoidalFlow, DeepSigmoidalFlow, transformers
-from tfp_naf.transformers import SharedDenseSigmoidalFlow
+from tfp_naf.shared_mixing import SharedDenseSigmoidalFlow
 
 B, D, K = 256, 43, 16
 ROUNDS = 30

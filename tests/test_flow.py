@@ -357,9 +357,9 @@ def test_xla_fused_shared_layers_match_separate_ops(mode, monkeypatch):
     """SharedDenseSigmoidalFlow's XLA cluster (the default for large inputs) gives the
     separate ops' values and gradients, inside a plain `tf.function` and nested inside
     a jit-compiled one."""
-    from tfp_naf import transformers
+    from tfp_naf import shared_mixing
 
-    monkeypatch.setattr(transformers, "XLA_FUSED_MIN_SIZE", 0)  # Fused at any size.
+    monkeypatch.setattr(shared_mixing, "XLA_FUSED_MIN_SIZE", 0)  # Fused at any size.
     tf_keras.utils.set_random_seed(8)
     naf = randomize(NeuralAutoregressiveFlow(
         event_shape=[3], hidden_units=[16], transformer="ddsf-shared", num_units=4,
@@ -378,7 +378,7 @@ def test_xla_fused_shared_layers_match_separate_ops(mode, monkeypatch):
 
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(transformers, "XLA_FUSED_LAYERS", fused)
+        monkeypatch.setattr(shared_mixing, "XLA_FUSED_LAYERS", fused)
         fn = run if mode == "eager" else tf.function(run, jit_compile=mode == "jit")
         results[fused] = [t.numpy() for t in fn(x, c)]
     for got, want in zip(results[True], results[False], strict=True):
@@ -389,22 +389,22 @@ def test_xla_fused_shared_layers_match_separate_ops(mode, monkeypatch):
 def test_xla_fused_shared_layers_are_not_nested_inside_jit(monkeypatch):
     """Inside a jit-compiled function the layers are compiled with it: a nested
     `jit_compile` function there made XLA recompile the whole step at every call."""
-    from tfp_naf import transformers
+    from tfp_naf import shared_mixing
 
     calls = []
-    fused = transformers._fused_shared_layers
+    fused = shared_mixing._fused_shared_layers
 
     def counting(*args):
         calls.append(args)
         return fused(*args)
 
-    monkeypatch.setattr(transformers, "_fused_shared_layers", counting)
+    monkeypatch.setattr(shared_mixing, "_fused_shared_layers", counting)
     k = 3
-    bij = transformers.SharedDenseSigmoidalFlow(
-        params=np.zeros([transformers.SharedDenseSigmoidalFlow.num_params(k, 2)], np.float32),
-        mixing_logits=np.zeros([transformers.SharedDenseSigmoidalFlow.num_mixing_params(k, 2)],
+    bij = shared_mixing.SharedDenseSigmoidalFlow(
+        params=np.zeros([shared_mixing.SharedDenseSigmoidalFlow.num_params(k, 2)], np.float32),
+        mixing_logits=np.zeros([shared_mixing.SharedDenseSigmoidalFlow.num_mixing_params(k, 2)],
                                np.float32), num_units=k)
-    x = tf.zeros([transformers.XLA_FUSED_MIN_SIZE], tf.float32)
+    x = tf.zeros([shared_mixing.XLA_FUSED_MIN_SIZE], tf.float32)
     want = bij.forward(x).numpy()
     assert len(calls) == 1  # Eager, large enough: fused.
     got = tf.function(bij.forward, jit_compile=True)(x).numpy()

@@ -22,7 +22,7 @@ from tfp_naf.keras import (
     make_flow,
 )
 from tfp_naf.model_io import load_model_dir, save_model_dir
-from tfp_naf.transformers import SharedDenseSigmoidalFlow
+from tfp_naf.shared_mixing import SharedDenseSigmoidalFlow
 
 SMALL = dict(num_flows=2, hidden_units=[16], num_units=8)
 SHARED = dict(transformer="ddsf-shared", num_flows=2, hidden_units=[8], num_units=3)

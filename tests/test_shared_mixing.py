@@ -7,7 +7,8 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from tfp_naf import NeuralAutoregressiveFlow
-from tfp_naf.transformers import DeepDenseSigmoidalFlow, SharedDenseSigmoidalFlow
+from tfp_naf.shared_mixing import SharedDenseSigmoidalFlow
+from tfp_naf.transformers import DeepDenseSigmoidalFlow
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 K = 5
@@ -148,9 +149,9 @@ class _AutodiffShared:
         self.params, self.mixing, self.layers = params, mixing, layers
 
     def forward_and_log_derivative(self, x):
-        from tfp_naf import transformers
+        from tfp_naf import shared_mixing, transformers
 
-        return transformers._shared_sigmoidal_layers(
+        return shared_mixing._shared_sigmoidal_layers(
             x, self.params, self.mixing, K, self.layers, transformers.DEFAULT_CLIP,
             transformers.DEFAULT_MIN_SLOPE, closed_form=False)
 
@@ -162,7 +163,7 @@ def test_closed_form_gradients_match_autodiff(layers, x_scale, outputs):
     """The shared layers' closed-form gradients (input, offsets, shared mixing) equal
     autodiff through their forward (float64), near 0 and far out, with the parameters
     broadcast against the input and with either output alone feeding the loss."""
-    from tfp_naf import transformers
+    from tfp_naf import shared_mixing
 
     p = SharedDenseSigmoidalFlow.num_params(K, layers)
     m = SharedDenseSigmoidalFlow.num_mixing_params(K, layers)
@@ -174,7 +175,7 @@ def test_closed_form_gradients_match_autodiff(layers, x_scale, outputs):
     for closed_form in (True, False):
         with tf.GradientTape() as tape:
             tape.watch([x, params, mixing])
-            y, log_deriv = transformers._shared_sigmoidal_layers(
+            y, log_deriv = shared_mixing._shared_sigmoidal_layers(
                 x, params, mixing, K, layers, 1e-6, 1e-3, closed_form=closed_form)
             total = 0.0
             if outputs != "log_derivative":
@@ -191,7 +192,7 @@ def test_closed_form_gradients_match_autodiff(layers, x_scale, outputs):
 def test_held_shifts_leave_the_gradients_unchanged(kind, monkeypatch):
     """The stabilising shifts held constant (`_held_shift`) cancel: the same gradients as
     autodiff through them, for the input, the parameters and the shared mixing (float64)."""
-    from tfp_naf import transformers
+    from tfp_naf import shared_mixing, transformers
 
     _, params, mixing = _shared(11, layers=3, scale=2.0, seed=6)
     x = tf.constant(np.linspace(-9.0, 9.0, 11))
@@ -212,7 +213,8 @@ def test_held_shifts_leave_the_gradients_unchanged(kind, monkeypatch):
         def build():
             return _AutodiffShared(params, mixing, 3)
     held = _gradients(build(), x, sources)
-    monkeypatch.setattr(transformers, "_held_shift", lambda t: t)
+    for module in (transformers, shared_mixing):
+        monkeypatch.setattr(module, "_held_shift", lambda t: t)
     free = _gradients(build(), x, sources)
     for g_held, g_free in zip(held, free, strict=True):
         assert np.all(np.isfinite(g_held))

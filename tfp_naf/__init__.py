@@ -20,6 +20,7 @@ _PUBLIC = {
     "DeepSigmoidalFlow": "tfp_naf.transformers",
     "NAFDensityModel": "tfp_naf.keras",
     "NeuralAutoregressiveFlow": "tfp_naf.flow",
+    "SharedDenseSigmoidalFlow": "tfp_naf.shared_mixing",
     "export_saved_model": "tfp_naf.export",
     "make_flow": "tfp_naf.keras",
 }

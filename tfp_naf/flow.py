@@ -11,7 +11,20 @@ from tensorflow_probability.python.internal import assert_util
 from tensorflow_probability.python.internal import prefer_static as ps
 
 from tfp_naf import activations, conditioners
-from tfp_naf.transformers import DEFAULT_CLIP, DEFAULT_MIN_SLOPE, TRANSFORMERS
+from tfp_naf.shared_mixing import SharedDenseSigmoidalFlow
+from tfp_naf.transformers import (
+    DEFAULT_CLIP,
+    DEFAULT_MIN_SLOPE,
+    DeepDenseSigmoidalFlow,
+    DeepSigmoidalFlow,
+)
+
+# The transformers a flow accepts by name (`transformer=`).
+TRANSFORMERS = {
+    "dsf": DeepSigmoidalFlow,
+    "ddsf": DeepDenseSigmoidalFlow,
+    "ddsf-shared": SharedDenseSigmoidalFlow,
+}
 
 # Initial spread of the built conditioner's sigmoid centres (see `initial_spread`),
 # chosen on validation data (benchmarks/README.md).
