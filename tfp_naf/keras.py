@@ -671,6 +671,12 @@ class NAFDensityModel(tf_keras.Model):
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """As `tf_keras.Model.compile`; the loss is the mean NLL, so give no `loss`.
 
+        `jit_compile=True` XLA-compiles the training step: the same training up
+        to float rounding, faster on some CPUs (62 against 73 ms per step on an
+        AMD Zen 5 with AVX-512, `benchmarks/results/fit.md`) and slower on
+        others (AVX2); each new batch shape compiles once. Off by default,
+        as in Keras.
+
         Raises:
           TypeError: for a Keras 3 optimizer.
           ValueError: when a `loss` is given.
