@@ -273,9 +273,8 @@ def test_interrupted_model_write_leaves_the_old_folder_whole(tmp_path, capsys, m
     assert json.loads((model / "metrics.json").read_text())["settings"]["seed"] == 5
 
 
-def test_fit_with_xla_trains_the_same_model(tmp_path, capsys, monkeypatch):
-    """`fit --xla` XLA-compiles the training step: the same losses and the same fitted
-    density as without, up to float rounding, and the model folder records the choice."""
+def compile_calls(monkeypatch) -> list:
+    """The `jit_compile` of every `NAFDensityModel.compile` call from now on."""
     from tfp_naf.keras import NAFDensityModel
 
     compiled = []
@@ -286,16 +285,48 @@ def test_fit_with_xla_trains_the_same_model(tmp_path, capsys, monkeypatch):
         return compile_(self, *args, **kwargs)
 
     monkeypatch.setattr(NAFDensityModel, "compile", spy)
+    return compiled
+
+
+def test_fit_xla_auto_times_both_steps_on_long_jobs_only(tmp_path, capsys, monkeypatch):
+    """`--xla auto` (the default) is plain `tf.function` for a short job; for a long
+    one the model compiles both and metrics.json records what the timing chose."""
+    from tfp_naf import cli
+
+    compiled = compile_calls(monkeypatch)
+    data = tmp_path / "data.npy"
+    np.save(data, datasets.make_toy("pinwheel", 1200, seed=1))
+    out = tmp_path / "short"
+    assert run(capsys, "fit", data, "--out", out, "--epochs", "1", "--quiet", *TINY)[0] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["xla"] == "auto"
+    assert metrics["training_step"] == {"choice": "tf.function"}
+    monkeypatch.setattr(cli, "AUTO_XLA_MIN_STEPS", 40)
+    out = tmp_path / "long"  # 10 epochs of 5 steps: the timing needs 42.
+    assert run(capsys, "fit", data, "--out", out, "--epochs", "10", "--batch-size", "216",
+               "--patience", "100", "--quiet", *TINY)[0] == 0
+    step = json.loads((out / "metrics.json").read_text())["training_step"]
+    assert compiled == [False, "auto"]
+    assert step["choice"] in ("tf.function", "xla")
+    assert set(step["ms_per_call"]) == {"tf.function", "xla"}
+
+
+def test_fit_with_xla_trains_the_same_model(tmp_path, capsys, monkeypatch):
+    """`fit --xla` XLA-compiles the training step: the same losses and the same fitted
+    density as without, up to float rounding, and the model folder records the choice."""
+    compiled = compile_calls(monkeypatch)
     data = tmp_path / "data.npy"
     np.save(data, datasets.make_toy("pinwheel", 400, seed=1))
     metrics = {}
     for xla in (False, True):
         out = tmp_path / f"model_{xla}"
         assert run(capsys, "fit", data, "--out", out, "--epochs", "2", "--quiet",
-                   *(["--xla"] if xla else []), *TINY)[0] == 0
+                   *(["--xla"] if xla else ["--xla", "off"]), *TINY)[0] == 0
         metrics[xla] = json.loads((out / "metrics.json").read_text())
     assert compiled == [False, True]
-    assert metrics[True]["settings"]["xla"] and not metrics[False]["settings"]["xla"]
+    assert [metrics[x]["settings"]["xla"] for x in (False, True)] == ["off", "on"]
+    assert [metrics[x]["training_step"]["choice"] for x in (False, True)] == [
+        "tf.function", "xla"]
     for key in ("train_nll", "validation_nll"):
         assert np.isfinite(metrics[True][key])
         np.testing.assert_allclose(metrics[True][key], metrics[False][key], rtol=1e-4)

@@ -110,6 +110,44 @@ def test_fit_unconditional_learns_and_callbacks_work(tmp_path):
     np.testing.assert_allclose(clone.log_prob(x_val), model.log_prob(x_val), rtol=1e-5)
 
 
+def _fitted(jit_compile, steps=60, strategy=None):
+    tf_keras.utils.set_random_seed(0)
+    x = datasets.make_toy("pinwheel", 32 * steps, seed=0)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = NAFDensityModel(event_size=2, **SMALL)
+        model.adapt(x)
+        model.compile(optimizer=tf_keras.optimizers.Adam(1e-3, global_clipnorm=5.0),
+                      jit_compile=jit_compile)
+    history = model.fit(x, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    return model, history
+
+
+def test_auto_jit_trains_as_without_it_and_keeps_one_version():
+    """`jit_compile="auto"`: the first steps alternate between the two compiled
+    versions, each a real step, then the faster is kept; the weights are those of
+    plain training up to float rounding, and `jit_compile` reports the choice."""
+    plain, plain_history = _fitted(False)
+    auto, auto_history = _fitted("auto")
+    choice = auto.jit_choice
+    assert choice["choice"] in ("tf.function", "xla") and choice["xla_error"] is None
+    assert set(choice["ms_per_call"]) == {"tf.function", "xla"}
+    assert auto.jit_compile == (choice["choice"] == "xla")
+    assert auto.train_function.choice == choice["choice"]
+    assert int(auto.optimizer.iterations) == int(plain.optimizer.iterations) == 60
+    for a, b in zip(auto.trainable_variables, plain.trainable_variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(auto_history.history["loss"], plain_history.history["loss"],
+                               rtol=1e-5)
+    assert plain.jit_choice is None
+
+
+def test_auto_jit_under_a_strategy_is_plain_and_bad_values_are_refused():
+    model, _ = _fitted("auto", steps=4, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert model.jit_choice is None and not model.jit_compile
+    with pytest.raises(ValueError, match="jit_compile"):
+        NAFDensityModel(event_size=2, **SMALL).compile(jit_compile="yes")
+
+
 def test_fit_conditional_with_tuple_and_dict_inputs(ring):
     x, c = ring
     tf_keras.utils.set_random_seed(1)

@@ -217,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=_positive(int), default=20000, help="(default %(default)s)")
     p.add_argument("--no-saved-model", action="store_true",
                    help="skip the TensorFlow SavedModel export (model/saved_model)")
+    _add_xla_option(p)
     _add_model_options(p, flows=5, hidden="64,64", units=16)
 
     p = sub.add_parser("fit", help="fit a density to .npy/.csv data; write a model folder",
@@ -254,10 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--saved-model", action="store_true",
                    help="also export a TensorFlow SavedModel into the model folder")
-    p.add_argument("--xla", action="store_true",
-                   help="XLA-compile the training step (jit_compile): the same training up "
-                   "to float rounding; faster on some CPUs (AVX-512), slower on others "
-                   "(AVX2), and each new batch shape compiles once")
+    _add_xla_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p, flows=5, hidden="64,64", units=16)
@@ -295,6 +293,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- Shared helpers -------------------------------------------------------
+
+
+# Below this many training steps "--xla auto" means off: compiling the training
+# step a second way costs seconds, more than a short job could win back.
+AUTO_XLA_MIN_STEPS = 1000
+
+
+def _add_xla_option(p) -> None:
+    p.add_argument("--xla", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="XLA-compile the training step (jit_compile): the same training up to "
+                   "float rounding; faster on some CPUs (AVX-512), slower on others (AVX2), "
+                   "and each new batch shape compiles once. 'auto' compiles the step both "
+                   "ways, times the first steps (each a real step) and keeps the faster; "
+                   f"jobs of fewer than {AUTO_XLA_MIN_STEPS} steps and several workers run "
+                   "without XLA; --xla alone means 'on' (default %(default)s)")
+
+
+def _jit_compile(args, steps: int):
+    """`jit_compile` for `NAFDensityModel.compile` from `--xla` and the number of steps."""
+    if args.xla == "auto":
+        return "auto" if steps >= AUTO_XLA_MIN_STEPS else False
+    return args.xla == "on"
+
+
+def _jit_metrics(model) -> dict:
+    """How the training step was compiled, for metrics.json."""
+    choice = model.jit_choice  # None unless "auto"; its "choice" None if still timing.
+    if choice is not None:
+        return choice
+    return {"choice": "xla" if model.jit_compile else "tf.function"}
 
 
 def _model_kwargs(args) -> dict:
@@ -480,7 +508,7 @@ def _build_model(args, event_size: int, conditional_size: "int | None", steps: i
                                               global_clipnorm=args.clipnorm)
     else:
         optimizer = tf_keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm)
-    model.compile(optimizer=optimizer, jit_compile=args.xla)
+    model.compile(optimizer=optimizer, jit_compile=_jit_compile(args, steps))
     return model
 
 
@@ -570,6 +598,7 @@ def _fit(args, values, header, x_cols: "list[int]", c_cols: "list[int]", support
         "n_train": len(train_rows), "n_validation": n_val,
         "replicas": strategy.num_replicas_in_sync,
         "optimizer": type(model.optimizer).__name__,
+        "training_step": _jit_metrics(model),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "settings": _settings(args),
     }
@@ -738,7 +767,8 @@ def cmd_demo(args) -> int:
     steps_per_epoch = math.ceil(args.steps / epochs)
     schedule = tf_keras.optimizers.schedules.CosineDecay(
         args.lr, epochs * steps_per_epoch, alpha=0.05)
-    model.compile(optimizer=tf_keras.optimizers.Adam(schedule, global_clipnorm=5.0))
+    model.compile(optimizer=tf_keras.optimizers.Adam(schedule, global_clipnorm=5.0),
+                  jit_compile=_jit_compile(args, epochs * steps_per_epoch))
     dataset = (tf.data.Dataset.from_tensor_slices(train)
                .shuffle(len(train), seed=args.seed).repeat()
                .batch(args.batch_size, drop_remainder=True).prefetch(2))
@@ -757,6 +787,7 @@ def cmd_demo(args) -> int:
         "test_nll": float(-np.mean(_log_prob(model, test))),
         "steps": epochs * steps_per_epoch,
         "fit_seconds": round(fit_seconds, 2),
+        "training_step": _jit_metrics(model),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "settings": _settings(args),
     }

@@ -41,7 +41,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from tfp_naf import activations
+from tfp_naf import activations, jit_choice
 from tfp_naf.flow import NeuralAutoregressiveFlow
 from tfp_naf.keras3_guard import (
     KERAS3_HELP,
@@ -668,18 +668,24 @@ class NAFDensityModel(tf_keras.Model):
         """`log p(x | c)` for inputs `x`, `(x, c)` or `{"x": x, "c": c}`."""
         return self.log_prob(*_split_inputs(inputs))
 
-    def compile(self, optimizer="adam", loss=None, **kwargs):
+    def compile(self, optimizer="adam", loss=None, jit_compile=None, **kwargs):
         """As `tf_keras.Model.compile`; the loss is the mean NLL, so give no `loss`.
 
         `jit_compile=True` XLA-compiles the training step: the same training up
         to float rounding, faster on some CPUs (62 against 73 ms per step on an
         AMD Zen 5 with AVX-512, `benchmarks/results/fit.md`) and slower on
-        others (AVX2); each new batch shape compiles once. Off by default,
-        as in Keras.
+        others (AVX2); each new batch shape compiles once. `jit_compile="auto"`
+        compiles the step both ways, runs the first `2 + 2 * TIMED_CALLS` steps
+        alternately through the two (each a real step of the same training),
+        and keeps the faster (`tfp_naf.jit_choice.FasterOf`); afterwards
+        `jit_compile` is the choice and `jit_choice` has the timings. Under a
+        `tf.distribute` strategy "auto" means False: every worker must run the
+        same compiled step. Off (None, False) by default, as in Keras.
 
         Raises:
           TypeError: for a Keras 3 optimizer.
-          ValueError: when a `loss` is given.
+          ValueError: when a `loss` is given, or `jit_compile` is not a bool,
+            None or "auto".
         """
         if _is_keras3_object(optimizer):
             raise TypeError(
@@ -691,7 +697,58 @@ class NAFDensityModel(tf_keras.Model):
                 "NAFDensityModel's loss is the negative log-likelihood; compile it "
                 "without `loss`."
             )
-        super().compile(optimizer=optimizer, **kwargs)
+        if not (jit_compile is None or isinstance(jit_compile, bool) or jit_compile == "auto"):
+            raise ValueError(f"`jit_compile` must be True, False, None or 'auto'; got "
+                             f"{jit_compile!r}.")
+        self._auto_jit = jit_compile == "auto"
+        object.__setattr__(self, "_jit_step", None)  # Plain attribute: not tracked.
+        super().compile(optimizer=optimizer,
+                        jit_compile=False if self._auto_jit else jit_compile, **kwargs)
+
+    @property
+    def jit_choice(self) -> "dict | None":
+        """With `compile(jit_compile="auto")`, once training has begun: `{"choice":
+        "tf.function", "xla", or None while still timing (both versions run), "xla_over_
+        tf_function": the median time ratio, "ms_per_call": medians of each, "xla_error":
+        why XLA was ruled out, or None}`; None otherwise."""
+        step = getattr(self, "_jit_step", None)
+        if step is None:
+            return None
+        ratio = step.ratio
+        return {"choice": step.choice,
+                "xla_over_tf_function": None if ratio is None else round(ratio, 4),
+                "ms_per_call": {k: round(1e3 * v, 3) for k, v in step.seconds.items()},
+                "xla_error": step.xla_error}
+
+    def make_train_function(self, force=False):
+        """Keras' training function; with `compile(jit_compile="auto")`, both compiled
+        versions of it behind a `FasterOf` (see `compile`)."""
+        if (not getattr(self, "_auto_jit", False) or self.run_eagerly
+                or self._distribution_strategy is not None
+                or getattr(self, "_cluster_coordinator", None) is not None
+                or (self.train_function is not None and not force)):
+            return super().make_train_function(force=force)
+        # Keras reads `jit_compile` when the function traces (its first call, and
+        # any retrace for a new batch shape), so each version sets it for its
+        # calls, and between calls it says what was chosen (False until then).
+        # Set directly: the setter would reset the cached functions.
+        def flagged(fn, value):
+            def call(*args, **kwargs):
+                self._jit_compile = value
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._jit_compile = step.choice == jit_choice.XLA
+            return call
+
+        plain = flagged(super().make_train_function(force=True), False)
+        xla = flagged(super().make_train_function(force=True), True)
+        self._jit_compile = False
+
+        step = jit_choice.FasterOf(plain, xla)
+        object.__setattr__(self, "_jit_step", step)
+        self.train_function = step
+        return step
 
     def _saved_variables(self) -> "list[tf.Variable]":
         return list(self._trainable_weights + self._non_trainable_weights) + list(
