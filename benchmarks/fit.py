@@ -2,8 +2,8 @@
 
 D=43, 5 flows, MADE [128, 128], 16 DSF units, batch 512, Adam 1e-3, 20 steps
 per epoch on standard-normal data. Three models start from the same seed:
-`jit_compile=False`, `True` and `"auto"` (both compiled, timed on the first 42
-steps, the faster kept: `tfp_naf.jit_choice`). After three warm-up epochs each
+`jit_compile=False`, `True` and `"auto"` (both compiled, timed on the first 74
+steps, the faster kept: `tfp_naf.jit_choice`). After four warm-up epochs each
 (tracing, compilation and auto's timing), they take turns one epoch at a time
 for 5 rounds (round-robin, so load drift hits all alike) and the median
 milliseconds per step are reported, with each model's final loss (the same
@@ -22,7 +22,7 @@ import tf_keras
 
 from tfp_naf import NAFDensityModel
 
-D, BATCH, STEPS, ROUNDS, WARMUP_EPOCHS = 43, 512, 20, 5, 3
+D, BATCH, STEPS, ROUNDS, WARMUP_EPOCHS = 43, 512, 20, 5, 4
 MODES = (False, True, "auto")
 
 

@@ -301,9 +301,9 @@ def test_fit_xla_auto_times_both_steps_on_long_jobs_only(tmp_path, capsys, monke
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["xla"] == "auto"
     assert metrics["training_step"] == {"choice": "tf.function"}
-    monkeypatch.setattr(cli, "AUTO_XLA_MIN_STEPS", 40)
-    out = tmp_path / "long"  # 10 epochs of 5 steps: the timing needs 42.
-    assert run(capsys, "fit", data, "--out", out, "--epochs", "10", "--batch-size", "216",
+    monkeypatch.setattr(cli, "AUTO_XLA_MIN_STEPS", 70)
+    out = tmp_path / "long"  # 15 epochs of 5 steps: the timing needs 74.
+    assert run(capsys, "fit", data, "--out", out, "--epochs", "15", "--batch-size", "216",
                "--patience", "100", "--quiet", *TINY)[0] == 0
     step = json.loads((out / "metrics.json").read_text())["training_step"]
     assert compiled == [False, "auto"]

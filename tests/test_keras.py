@@ -110,7 +110,7 @@ def test_fit_unconditional_learns_and_callbacks_work(tmp_path):
     np.testing.assert_allclose(clone.log_prob(x_val), model.log_prob(x_val), rtol=1e-5)
 
 
-def _fitted(jit_compile, steps=60, strategy=None):
+def _fitted(jit_compile, steps=80, strategy=None):
     tf_keras.utils.set_random_seed(0)
     x = datasets.make_toy("pinwheel", 32 * steps, seed=0)
     with (strategy or tf.distribute.get_strategy()).scope():
@@ -133,7 +133,7 @@ def test_auto_jit_trains_as_without_it_and_keeps_one_version():
     assert set(choice["ms_per_call"]) == {"tf.function", "xla"}
     assert auto.jit_compile == (choice["choice"] == "xla")
     assert auto.train_function.choice == choice["choice"]
-    assert int(auto.optimizer.iterations) == int(plain.optimizer.iterations) == 60
+    assert int(auto.optimizer.iterations) == int(plain.optimizer.iterations) == 80
     for a, b in zip(auto.trainable_variables, plain.trainable_variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(auto_history.history["loss"], plain_history.history["loss"],

@@ -47,7 +47,7 @@ import tensorflow as tf
 __all__ = ["FasterOf", "TIMED_BLOCKS", "WARMUP_CALLS", "XLA_MARGIN"]
 
 WARMUP_CALLS = 5  # Untimed calls of each version first.
-TIMED_BLOCKS = 8  # Blocks of four timed calls (tf.function, XLA, XLA, tf.function).
+TIMED_BLOCKS = 16  # Blocks of four timed calls (tf.function, XLA, XLA, tf.function).
 XLA_MARGIN = 0.95  # XLA is kept when it takes at most this fraction of tf.function's time.
 
 PLAIN, XLA = "tf.function", "xla"

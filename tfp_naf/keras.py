@@ -675,7 +675,8 @@ class NAFDensityModel(tf_keras.Model):
         to float rounding, faster on some CPUs (62 against 73 ms per step on an
         AMD Zen 5 with AVX-512, `benchmarks/results/fit.md`) and slower on
         others (AVX2); each new batch shape compiles once. `jit_compile="auto"`
-        compiles the step both ways, runs the first `2 + 2 * TIMED_CALLS` steps
+        compiles the step both ways, runs the first 74 steps (`2 * WARMUP_CALLS +
+        4 * TIMED_BLOCKS` of `tfp_naf.jit_choice`)
         alternately through the two (each a real step of the same training),
         and keeps the faster (`tfp_naf.jit_choice.FasterOf`); afterwards
         `jit_compile` is the choice and `jit_choice` has the timings. Under a
