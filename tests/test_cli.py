@@ -289,8 +289,8 @@ def compile_calls(monkeypatch) -> list:
 
 
 def test_fit_xla_auto_times_both_steps_on_long_jobs_only(tmp_path, capsys, monkeypatch):
-    """`--xla auto` (the default) is plain `tf.function` for a short job; for a long
-    one the model compiles both and metrics.json records what the timing chose."""
+    """`--xla auto` is plain `tf.function` for a short job; for a long one the model
+    compiles both and metrics.json records what the timing chose. The default is off."""
     from tfp_naf import cli
 
     compiled = compile_calls(monkeypatch)
@@ -299,14 +299,20 @@ def test_fit_xla_auto_times_both_steps_on_long_jobs_only(tmp_path, capsys, monke
     out = tmp_path / "short"
     assert run(capsys, "fit", data, "--out", out, "--epochs", "1", "--quiet", *TINY)[0] == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["settings"]["xla"] == "auto"
+    assert metrics["settings"]["xla"] == "off"
     assert metrics["training_step"] == {"choice": "tf.function"}
+    out = tmp_path / "short_auto"
+    assert run(capsys, "fit", data, "--out", out, "--epochs", "1", "--quiet", "--xla", "auto",
+               *TINY)[0] == 0
+    assert json.loads((out / "metrics.json").read_text())["training_step"] == {
+        "choice": "tf.function"}
     monkeypatch.setattr(cli, "AUTO_XLA_MIN_STEPS", 70)
     out = tmp_path / "long"  # 15 epochs of 5 steps: the timing needs 74.
     assert run(capsys, "fit", data, "--out", out, "--epochs", "15", "--batch-size", "216",
+               "--xla", "auto",
                "--patience", "100", "--quiet", *TINY)[0] == 0
     step = json.loads((out / "metrics.json").read_text())["training_step"]
-    assert compiled == [False, "auto"]
+    assert compiled == [False, False, "auto"]
     assert step["choice"] in ("tf.function", "xla")
     assert set(step["ms_per_call"]) == {"tf.function", "xla"}
 

@@ -301,13 +301,13 @@ AUTO_XLA_MIN_STEPS = 1000
 
 
 def _add_xla_option(p) -> None:
-    p.add_argument("--xla", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--xla", nargs="?", const="on", default="off", choices=("auto", "on", "off"),
                    help="XLA-compile the training step (jit_compile): the same training up to "
                    "float rounding; faster on some CPUs (AVX-512), slower on others (AVX2), "
                    "and each new batch shape compiles once. 'auto' compiles the step both "
-                   "ways, times the first steps (each a real step) and keeps the faster; "
-                   f"jobs of fewer than {AUTO_XLA_MIN_STEPS} steps and several workers run "
-                   "without XLA; --xla alone means 'on' (default %(default)s)")
+                   "ways, times the first steps (each a real step) and keeps the faster "
+                   f"(jobs of fewer than {AUTO_XLA_MIN_STEPS} steps and several workers run "
+                   "without XLA); --xla alone means 'on' (default %(default)s)")
 
 
 def _jit_compile(args, steps: int):
