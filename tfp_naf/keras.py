@@ -732,14 +732,18 @@ class NAFDensityModel(tf_keras.Model):
         # Keras reads `jit_compile` when the function traces (its first call, and
         # any retrace for a new batch shape), so each version sets it for its
         # calls, and between calls it says what was chosen (False until then).
-        # Set directly: the setter would reset the cached functions.
+        # Set directly: the setter would reset the cached functions. Written only
+        # when it changes: once chosen, a step pays no attribute writes.
         def flagged(fn, value):
             def call(*args, **kwargs):
-                self._jit_compile = value
+                if self._jit_compile is not value:
+                    self._jit_compile = value
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self._jit_compile = step.choice == jit_choice.XLA
+                    chosen = step.choice == jit_choice.XLA
+                    if self._jit_compile is not chosen:
+                        self._jit_compile = chosen
             return call
 
         plain = flagged(super().make_train_function(force=True), False)
